@@ -1,0 +1,5 @@
+"""``python -m streamml`` runs the command-line interface."""
+
+from streamml.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Record types, spec-derived validators and the ClickHouse DDL. Imports nothing of streamml."""

@@ -1,0 +1,1 @@
+"""Moving records: topic names and codecs, Kafka clients with clear failures, the warehouse."""

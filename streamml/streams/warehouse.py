@@ -1,0 +1,173 @@
+"""The warehouse: ClickHouse through clickhouse-connect, embedded chDB by default.
+
+One code path serves both: ``chdb:///abs/path`` opens chDB in this process (only
+one process may own a path), ``http(s)://host:port`` talks to a ClickHouse server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from streamml.config import Settings, mask_dsn
+from streamml.errors import MigrationError, WarehouseError, WarehouseLockedError
+from streamml.schemas.migrations import Migration, load_migrations
+
+MIGRATIONS_TABLE = "schema_migrations"
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+def _open_client(dsn: str, database: str | None) -> Client:
+    scheme = urlsplit(dsn).scheme
+    try:
+        if scheme == "chdb":
+            path = urlsplit(dsn).path
+            if path and path != "memory":
+                Path(path).mkdir(parents=True, exist_ok=True)
+            return clickhouse_connect.get_client(dsn=dsn, database=database or "")
+        return clickhouse_connect.get_client(
+            dsn=dsn, database=database or "", connect_timeout=10, send_receive_timeout=60
+        )
+    except Exception as exc:  # the drivers raise a mix of their own and OS errors
+        text = str(exc)
+        if "Cannot lock file" in text or "lock" in text.lower() and scheme == "chdb":
+            raise WarehouseLockedError(
+                f"the embedded warehouse {mask_dsn(dsn)} is open in another process",
+                hint="chDB allows one owner process: stop the worker/demo using it, or run "
+                "the query through that process, or configure a ClickHouse server",
+            ) from exc
+        raise WarehouseError(
+            f"cannot connect to the warehouse {mask_dsn(dsn)}: {text.splitlines()[0][:300]}",
+            hint="check STREAMML_CLICKHOUSE_DSN",
+        ) from exc
+
+
+class Warehouse:
+    """A connected warehouse with the streamml database selected."""
+
+    def __init__(self, client: Client, database: str, dsn: str) -> None:
+        self.client = client
+        self.database = database
+        self.dsn = dsn
+
+    @classmethod
+    def connect(cls, settings: Settings, migrate: bool = True) -> Warehouse:
+        """Open the configured warehouse, create the database and apply pending migrations."""
+        dsn = settings.warehouse_dsn
+        db = settings.clickhouse_database
+        bootstrap = _open_client(dsn, None)
+        try:
+            bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        except ClickHouseError as exc:
+            raise WarehouseError(f"cannot create database {db!r}: {exc}") from exc
+        client = _open_client(dsn, db) if urlsplit(dsn).scheme != "chdb" else bootstrap
+        if client is bootstrap:
+            client.database = db
+        else:
+            bootstrap.close()
+        warehouse = cls(client, db, dsn)
+        if migrate:
+            warehouse.migrate()
+        return warehouse
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Warehouse:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- schema -------------------------------------------------------------------
+    def migrate(self, migrations: Sequence[Migration] | None = None) -> list[Migration]:
+        """Apply the migrations not yet applied, in order; refuse edited ones."""
+        todo = list(migrations) if migrations is not None else load_migrations()
+        self.command(
+            f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version UInt32, name String, "
+            "checksum String, applied_at DateTime64(3, 'UTC')) "
+            "ENGINE = ReplacingMergeTree ORDER BY version"
+        )
+        applied = {
+            int(v): str(c)
+            for v, c in self.query(f"SELECT version, checksum FROM {MIGRATIONS_TABLE} FINAL").rows
+        }
+        done = []
+        for migration in todo:
+            if migration.version in applied:
+                if applied[migration.version] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} was changed after "
+                        "it was applied",
+                        hint="restore the file and put the change in a new numbered migration",
+                    )
+                continue
+            for statement in migration.statements:
+                try:
+                    self.command(statement)
+                except WarehouseError as exc:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} failed: {exc}"
+                    ) from exc
+            self.insert(
+                MIGRATIONS_TABLE,
+                [(migration.version, migration.name, migration.checksum, _now())],
+                ["version", "name", "checksum", "applied_at"],
+            )
+            done.append(migration)
+        return done
+
+    def tables(self) -> list[str]:
+        rows = self.query(
+            "SELECT name FROM system.tables WHERE database = {db:String} ORDER BY name",
+            {"db": self.database},
+        ).rows
+        return [str(r[0]) for r in rows]
+
+    # --- data -----------------------------------------------------------------------
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        try:
+            self.client.command(sql, parameters=parameters)
+        except ClickHouseError as exc:
+            raise WarehouseError(_first_line(exc)) from exc
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        try:
+            result = self.client.query(sql, parameters=parameters)
+        except ClickHouseError as exc:
+            raise WarehouseError(_first_line(exc)) from exc
+        return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
+
+    def insert(
+        self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str]
+    ) -> int:
+        """Insert rows (one INSERT); return how many were written."""
+        if not rows:
+            return 0
+        try:
+            self.client.insert(table, list(rows), column_names=list(column_names))
+        except ClickHouseError as exc:
+            raise WarehouseError(f"insert into {table} failed: {_first_line(exc)}") from exc
+        return len(rows)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
