@@ -45,14 +45,18 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/health")
     class Health(View):  # faust's page decorator registers the view
         async def get(self, request: Request, **_: Any) -> Response:
+            # Ready once partitions are assigned and table state is recovered.
+            tables: Any = app.tables  # the concrete TableManager has .recovery
+            ready = tables.recovery.completed.is_set() and not app.rebalancing
             return self.json(
                 {
-                    "status": "ok",
+                    "status": "ok" if ready else "starting",
                     "app_id": settings.app_id,
                     "bootstrap": settings.bootstrap_servers,
                     "uptime_s": round(time.time() - started, 3),
                     "assigned_partitions": len(app.consumer.assignment()),
-                }
+                },
+                status=200 if ready else 503,
             )
 
     return app

@@ -9,7 +9,7 @@ import io
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Any, NoReturn
 
 import typer
@@ -27,10 +27,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -70,17 +70,25 @@ def version() -> None:
 @app.command()
 def config(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    reference: bool = typer.Option(
+        False, "--reference", help="Print the markdown reference of every setting."
+    ),
 ) -> None:
     """Print the effective configuration (secrets masked) and where each value is set."""
+    if reference:
+        from streamml.config import reference_markdown
+
+        sys.stdout.write(reference_markdown())
+        return
     settings = _settings()
     values = settings.effective()
     if as_json:
         console.print_json(json.dumps(values, default=str))
         return
     table = Table(title="streamml configuration", show_lines=False)
-    table.add_column("setting")
+    table.add_column("setting", no_wrap=True)
     table.add_column("value")
-    table.add_column("variable")
+    table.add_column("variable", no_wrap=True)
     for name, value in values.items():
         table.add_row(name, "" if value is None else str(value), env_name(name))
     console.print(table)
@@ -97,12 +105,33 @@ def up() -> None:
         status = LocalBroker(settings, progress=_say).up()
         if status.state == "external":
             reach = "reachable" if status.ready else "NOT reachable"
-            console.print(f"using the configured broker {status.bootstrap} ({reach}); nothing started")
+            console.print(
+                f"using the configured broker {status.bootstrap} ({reach}); nothing started"
+            )
             return
         console.print(
             f"[green]Kafka broker ready[/] at {status.bootstrap} (pid {status.pid}); "
             f"data {status.data_dir}; log {status.log_file}"
         )
+
+    _run(action)
+
+
+@app.command()
+def fetch() -> None:
+    """Fetch the Kafka broker jars into the cache now (`up` does it when needed)."""
+    from streamml.devstack.jars import ensure_kafka_jars
+
+    settings = _settings()
+    if not settings.uses_local_broker:
+        console.print(f"using the configured broker {settings.bootstrap_servers}; nothing to fetch")
+        return
+
+    def action() -> None:
+        libs = ensure_kafka_jars(
+            settings.kafka_version, settings.cache_dir, settings.kafka_libs_dir, _say
+        )
+        console.print(f"Kafka {settings.kafka_version} jars ready in {libs}")
 
     _run(action)
 

@@ -57,11 +57,17 @@ class Settings(BaseSettings):
     # --- where things live -------------------------------------------------
     state_dir: Path = Field(
         default_factory=_default_state_dir,
-        description="STREAMML_STATE_DIR: broker data, pid and logs, embedded chDB, model registry.",
+        description=(
+            "STREAMML_STATE_DIR: broker data, pid and logs, embedded chDB, model registry "
+            "(default $XDG_STATE_HOME/streamml or ~/.local/state/streamml)."
+        ),
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
-        description="STREAMML_CACHE_DIR: downloads kept between clones (the Kafka broker jars).",
+        description=(
+            "STREAMML_CACHE_DIR: downloads kept between clones, e.g. the Kafka broker jars "
+            "(default $XDG_CACHE_HOME/streamml or ~/.cache/streamml)."
+        ),
     )
 
     # --- Kafka ---------------------------------------------------------------
@@ -73,16 +79,21 @@ class Settings(BaseSettings):
         ),
     )
     kafka_port: int = Field(
-        default=19092, ge=1024, le=65535,
+        default=19092,
+        ge=1024,
+        le=65535,
         description="STREAMML_KAFKA_PORT: client port of the local dev broker on 127.0.0.1.",
     )
     kafka_controller_port: int = Field(
-        default=19093, ge=1024, le=65535,
+        default=19093,
+        ge=1024,
+        le=65535,
         description="STREAMML_KAFKA_CONTROLLER_PORT: KRaft controller port of the local broker.",
     )
     kafka_version: str = Field(
-        default="4.4.0", pattern=r"^\d+\.\d+\.\d+$",
-        description="STREAMML_KAFKA_VERSION: Apache Kafka version of the local broker (4.x or 3.9.x).",
+        default="4.4.0",
+        pattern=r"^\d+\.\d+\.\d+$",
+        description="STREAMML_KAFKA_VERSION: Kafka version of the local broker (4.x or 3.9.x).",
     )
     kafka_libs_dir: Path | None = Field(
         default=None,
@@ -92,27 +103,35 @@ class Settings(BaseSettings):
         ),
     )
     kafka_heap_mb: int = Field(
-        default=512, ge=128, le=16384,
+        default=512,
+        ge=128,
+        le=16384,
         description="STREAMML_KAFKA_HEAP_MB: JVM heap of the local broker, in MiB.",
     )
     kafka_start_timeout_s: float = Field(
-        default=90.0, gt=0,
+        default=90.0,
+        gt=0,
         description="STREAMML_KAFKA_START_TIMEOUT_S: how long `up` waits for the broker to answer.",
     )
     java_home: Path | None = Field(
         default=None,
-        description="STREAMML_JAVA_HOME: JDK/JRE (17+) for the local broker; default: java on PATH.",
+        description="STREAMML_JAVA_HOME: Java 17+ for the local broker; default: java on PATH.",
     )
     request_timeout_s: float = Field(
-        default=15.0, gt=0,
-        description="STREAMML_REQUEST_TIMEOUT_S: a Kafka call that gets no answer in this time fails.",
+        default=15.0,
+        gt=0,
+        description="STREAMML_REQUEST_TIMEOUT_S: a Kafka call with no answer in this time fails.",
     )
     topic_partitions: int = Field(
-        default=6, ge=1, le=1024,
+        default=6,
+        ge=1,
+        le=1024,
         description="STREAMML_TOPIC_PARTITIONS: partitions of topics streamml creates.",
     )
     topic_replication_factor: int = Field(
-        default=1, ge=1, le=16,
+        default=1,
+        ge=1,
+        le=16,
         description="STREAMML_TOPIC_REPLICATION_FACTOR: replication of topics streamml creates.",
     )
 
@@ -138,20 +157,28 @@ class Settings(BaseSettings):
         default=LOCAL_HOST, description="STREAMML_WEB_HOST: bind address of the worker's web port."
     )
     web_port: int = Field(
-        default=6066, ge=1024, le=65535,
+        default=6066,
+        ge=1024,
+        le=65535,
         description="STREAMML_WEB_PORT: worker web port (/health, /metrics).",
     )
     session_timeout_s: float = Field(
-        default=10.0, ge=1, le=300,
+        default=10.0,
+        ge=1,
+        le=300,
         description="STREAMML_SESSION_TIMEOUT_S: consumer session timeout; a dead worker's "
         "partitions move after this long.",
     )
     heartbeat_interval_s: float = Field(
-        default=1.0, gt=0, le=60,
+        default=1.0,
+        gt=0,
+        le=60,
         description="STREAMML_HEARTBEAT_INTERVAL_S: consumer heartbeat interval.",
     )
     rebalance_timeout_s: float = Field(
-        default=10.0, ge=1, le=600,
+        default=10.0,
+        ge=1,
+        le=600,
         description="STREAMML_REBALANCE_TIMEOUT_S: how long a rebalance may take.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
@@ -323,3 +350,27 @@ def _describe(exc: ValidationError) -> str:
         shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
         lines.append(f"{where}: {msg}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def reference_markdown() -> str:
+    """The settings reference as a markdown table (docs/configuration.md is this text)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is an environment variable; a TOML file named by "
+        f"`{CONFIG_FILE_ENV}` may set the same fields (keys without the prefix). "
+        "Variables win over the file. An invalid value or an unknown `STREAMML_*` "
+        "variable stops every command at start with a message naming it. "
+        "`streamml config` prints the effective values, secrets masked.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "see meaning"
+        else:
+            default = "(unset)" if field.default is None else f"`{field.default}`"
+        meaning = (field.description or "").split(": ", 1)[-1]
+        lines.append(f"| `{env_name(name)}` | {default} | {meaning} |")
+    return "\n".join(lines) + "\n"

@@ -55,7 +55,9 @@ def run_smoke(
     return report
 
 
-def _kafka_and_warehouse(settings: Settings, say: Callable[[str], None], report: SmokeReport) -> None:
+def _kafka_and_warehouse(
+    settings: Settings, say: Callable[[str], None], report: SmokeReport
+) -> None:
     t = time.perf_counter()
     created = asyncio.run(kafka.ensure_topics(settings, [SMOKE_TOPIC]))
     report.add("topic", t, f"{SMOKE_TOPIC} ({'created' if created else 'exists'})")

@@ -42,6 +42,16 @@ def _quiet(_: str) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class _PidRecord:
+    """What the pid file holds: enough to tell our broker from a reused pid."""
+
+    pid: int
+    start_ticks: int | None
+    started_at: float
+    version: str
+
+
 class LocalBroker:
     """The dev stack's broker: one Java process whose pid, log and data sit in the state dir."""
 
@@ -91,20 +101,20 @@ class LocalBroker:
         record = self._read_pid_record()
         if record is None:
             return "no local broker is running"
-        pid = int(record["pid"])
-        if not _is_same_process(pid, record.get("start_ticks")):
+        pid = record.pid
+        if not _is_same_process(pid, record.start_ticks):
             self.pid_file.unlink(missing_ok=True)
             return f"broker pid {pid} was already gone; removed the stale pid file"
         self.progress(f"stopping the Kafka broker (pid {pid}) ...")
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _is_same_process(pid, record.get("start_ticks")):
+        while time.monotonic() < deadline and _is_same_process(pid, record.start_ticks):
             time.sleep(0.2)
         how = "stopped"
-        if _is_same_process(pid, record.get("start_ticks")):
+        if _is_same_process(pid, record.start_ticks):
             os.kill(pid, signal.SIGKILL)
-            how = "killed (it did not stop within %.0f s)" % timeout_s
-            while _is_same_process(pid, record.get("start_ticks")):
+            how = f"killed (it did not stop within {timeout_s:.0f} s)"
+            while _is_same_process(pid, record.start_ticks):
                 time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
         return f"Kafka broker pid {pid} {how}; data kept in {self.data_dir}"
@@ -116,15 +126,14 @@ class LocalBroker:
         record = self._read_pid_record()
         if record is None:
             return BrokerStatus("stopped", self.bootstrap, ready=False, data_dir=str(self.data_dir))
-        pid = int(record["pid"])
-        alive = _is_same_process(pid, record.get("start_ticks"))
+        alive = _is_same_process(record.pid, record.start_ticks)
         return BrokerStatus(
             state="running" if alive else "stale",
             bootstrap=self.bootstrap,
             ready=alive and probe_metadata(self.bootstrap, 5.0),
-            pid=pid,
-            version=str(record.get("version")),
-            uptime_s=time.time() - float(record["started_at"]) if alive else None,
+            pid=record.pid,
+            version=record.version,
+            uptime_s=time.time() - record.started_at if alive else None,
             data_dir=str(self.data_dir),
             log_file=str(self.log_file),
         )
@@ -184,8 +193,14 @@ class LocalBroker:
     def _format(self, java: Path, classpath: str) -> None:
         self.progress("formatting KRaft storage ...")
         cmd = self._java_cmd(
-            java, classpath, "kafka.tools.StorageTool", "format",
-            "-t", new_cluster_id(), "-c", str(self.home / "server.properties"),
+            java,
+            classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            new_cluster_id(),
+            "-c",
+            str(self.home / "server.properties"),
         )
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
         if proc.returncode != 0:
@@ -200,8 +215,12 @@ class LocalBroker:
         cmd = self._java_cmd(java, classpath, "kafka.Kafka", str(self.home / "server.properties"))
         with self.log_file.open("ab") as log:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.home,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.home,
             )
         record = {
             "pid": proc.pid,
@@ -215,19 +234,24 @@ class LocalBroker:
         os.replace(tmp, self.pid_file)
         return proc.pid
 
-    def _read_pid_record(self) -> dict[str, object] | None:
+    def _read_pid_record(self) -> _PidRecord | None:
         try:
-            record = json.loads(self.pid_file.read_text("utf-8"))
-        except (FileNotFoundError, ValueError):
+            raw = json.loads(self.pid_file.read_text("utf-8"))
+            ticks = raw.get("start_ticks")
+            return _PidRecord(
+                pid=int(raw["pid"]),
+                start_ticks=None if ticks is None else int(ticks),
+                started_at=float(raw.get("started_at", 0.0)),
+                version=str(raw.get("version", "?")),
+            )
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        return record if isinstance(record, dict) and "pid" in record else None
 
     def _live_pid(self) -> int | None:
         record = self._read_pid_record()
         if record is None:
             return None
-        pid = int(str(record["pid"]))
-        return pid if _is_same_process(pid, record.get("start_ticks")) else None
+        return record.pid if _is_same_process(record.pid, record.start_ticks) else None
 
 
 def new_cluster_id() -> str:
@@ -268,7 +292,8 @@ def probe_metadata(bootstrap: str, timeout_s: float) -> bool:
 
     async def probe() -> bool:
         client = AIOKafkaClient(
-            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=int(timeout_s * 1000),
             metadata_max_age_ms=1000,
         )
         try:
@@ -309,7 +334,7 @@ def _start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _is_same_process(pid: int, start_ticks: object) -> bool:
+def _is_same_process(pid: int, start_ticks: int | None) -> bool:
     if not _pid_alive(pid):
         return False
     if start_ticks is None:

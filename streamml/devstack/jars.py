@@ -18,7 +18,9 @@ MIN_JAVA = 17
 _COMPLETE = ".complete"
 _NETWORK_SIGNS = re.compile(
     r"Could not transfer|UnknownHost|Unknown host|Connection refused|Network is unreachable|"
-    r"Connect timed out|Could not resolve|No route to host|Temporary failure in name resolution",
+    r"Connect timed out|No route to host|Temporary failure in name resolution|"
+    # -q hides the transfer errors; a plugin that cannot be found was not downloadable.
+    r"No plugin found for prefix",
     re.IGNORECASE,
 )
 
@@ -89,8 +91,15 @@ def _maven_copy(version: str, home: Path, progress: Progress) -> None:
     partial = home / "libs.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [
-        mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
-        f"-DoutputDirectory={partial}", "-DincludeScope=runtime",
+        mvn,
+        "-B",
+        "-q",
+        "-Dstyle.color=never",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={partial}",
+        "-DincludeScope=runtime",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
     if proc.returncode != 0 or not any(partial.glob("kafka_2.13-*.jar")):

@@ -8,6 +8,7 @@ address, never an endless retry loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -49,10 +50,8 @@ async def _bounded(what: str, bootstrap: str, aw: Awaitable[T], timeout_s: float
 
 async def _close(aw: Awaitable[object], timeout_s: float) -> None:
     """Closing must not hang on a dead broker either; what is lost is reported by the caller."""
-    try:
+    with contextlib.suppress(TimeoutError, KafkaError, OSError):
         await asyncio.wait_for(aw, timeout_s)
-    except (TimeoutError, KafkaError, OSError):
-        pass
 
 
 @asynccontextmanager
@@ -78,7 +77,11 @@ async def ensure_topics(
     wanted = sorted(set(names))
     bootstrap = settings.bootstrap_servers
     async with admin_client(settings) as admin:
-        existing = set(await _bounded("list topics", bootstrap, admin.list_topics(), settings.request_timeout_s))
+        existing = set(
+            await _bounded(
+                "list topics", bootstrap, admin.list_topics(), settings.request_timeout_s
+            )
+        )
         missing = [n for n in wanted if n not in existing]
         if not missing:
             return []
@@ -96,7 +99,9 @@ async def ensure_topics(
         )
     for topic, code, message in _topic_errors(response):
         if code not in (0, TopicAlreadyExistsError.errno):
-            raise BrokerUnavailableError(f"creating topic {topic!r} failed: {message} (code {code})")
+            raise BrokerUnavailableError(
+                f"creating topic {topic!r} failed: {message} (code {code})"
+            )
     return missing
 
 
@@ -169,8 +174,10 @@ async def consume(
                     hint="is the broker running and are the records produced?",
                 )
             batch = await _bounded(
-                "fetch records", bootstrap,
-                consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000)), left + 1.0,
+                "fetch records",
+                bootstrap,
+                consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000)),
+                left + 1.0,
             )
             for records in batch.values():
                 got.extend(
@@ -198,12 +205,18 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
         consumer.assign([tp])
         consumer.seek(tp, offset)
         record = await _bounded(
-            f"fetch {topic}[{partition}]@{offset}", bootstrap, consumer.getone(tp),
+            f"fetch {topic}[{partition}]@{offset}",
+            bootstrap,
+            consumer.getone(tp),
             settings.request_timeout_s,
         )
     finally:
         await _close(consumer.stop(), settings.request_timeout_s)
     return Message(
-        record.topic, record.partition, record.offset, record.key, record.value,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
         tuple(record.headers),
     )

@@ -7,6 +7,7 @@ one process may own a path), ``http(s)://host:port`` talks to a ClickHouse serve
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,40 @@ class QueryResult:
     rows: list[tuple[Any, ...]]
 
 
+# chDB: one process may open one path, and only one process may own a path.
+_chdb_path_in_this_process: str | None = None
+
+
+def _check_chdb_path(path: str) -> None:
+    """Fail clearly, before chDB prints its own noise, if the path cannot be opened here."""
+    global _chdb_path_in_this_process
+    if _chdb_path_in_this_process is not None:
+        if _chdb_path_in_this_process != path:
+            raise WarehouseError(
+                f"this process already has the embedded warehouse {_chdb_path_in_this_process} "
+                f"open; chDB cannot open a second path ({path})",
+                hint="use one STREAMML_STATE_DIR / STREAMML_CLICKHOUSE_DSN per process",
+            )
+        return
+    status = Path(path) / "status"
+    if status.exists():
+        with status.open("rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = handle.read(200).decode("utf-8", "replace").splitlines()
+                pid = next(
+                    (ln.split(":", 1)[1].strip() for ln in owner if ln.startswith("PID")), "?"
+                )
+                raise WarehouseLockedError(
+                    f"the embedded warehouse {path} is open in another process (pid {pid})",
+                    hint="chDB allows one owner process: stop that process, run the query "
+                    "through it, or configure a ClickHouse server with STREAMML_CLICKHOUSE_DSN",
+                ) from None
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    _chdb_path_in_this_process = path
+
+
 def _open_client(dsn: str, database: str | None) -> Client:
     scheme = urlsplit(dsn).scheme
     try:
@@ -37,18 +72,15 @@ def _open_client(dsn: str, database: str | None) -> Client:
             path = urlsplit(dsn).path
             if path and path != "memory":
                 Path(path).mkdir(parents=True, exist_ok=True)
+                _check_chdb_path(path)
             return clickhouse_connect.get_client(dsn=dsn, database=database or "")
         return clickhouse_connect.get_client(
             dsn=dsn, database=database or "", connect_timeout=10, send_receive_timeout=60
         )
+    except WarehouseError:
+        raise
     except Exception as exc:  # the drivers raise a mix of their own and OS errors
-        text = str(exc)
-        if "Cannot lock file" in text or "lock" in text.lower() and scheme == "chdb":
-            raise WarehouseLockedError(
-                f"the embedded warehouse {mask_dsn(dsn)} is open in another process",
-                hint="chDB allows one owner process: stop the worker/demo using it, or run "
-                "the query through that process, or configure a ClickHouse server",
-            ) from exc
+        text = str(exc) or type(exc).__name__
         raise WarehouseError(
             f"cannot connect to the warehouse {mask_dsn(dsn)}: {text.splitlines()[0][:300]}",
             hint="check STREAMML_CLICKHOUSE_DSN",
@@ -151,9 +183,7 @@ class Warehouse:
             raise WarehouseError(_first_line(exc)) from exc
         return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
 
-    def insert(
-        self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str]
-    ) -> int:
+    def insert(self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str]) -> int:
         """Insert rows (one INSERT); return how many were written."""
         if not rows:
             return 0

@@ -1,0 +1,102 @@
+"""DDL, insert and query through the warehouse on real chDB."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from streamml.config import Settings
+from streamml.errors import MigrationError, WarehouseError
+from streamml.schemas.migrations import CORE_TABLES, Migration, load_migrations
+from streamml.streams.warehouse import Warehouse
+from streamml.testing import temporary_warehouse
+
+from .helpers import run_cli
+
+PRED_COLUMNS = [
+    "pipeline",
+    "event_id",
+    "entity_key",
+    "ts",
+    "model_name",
+    "model_version",
+    "role",
+    "served",
+    "score",
+    "predicted_class",
+    "probabilities",
+    "latency_ms",
+    "trace_id",
+]
+
+
+def _prediction(event_id: str, score: float) -> tuple[object, ...]:
+    ts = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    return ("p", event_id, "e1", ts, "m", "v1", "champion", 1, score, "1", {"1": score}, 0.4, "")
+
+
+def test_migrations_create_the_core_tables_once(
+    stack_settings: Settings, session_warehouse: Warehouse
+) -> None:
+    with temporary_warehouse(stack_settings, "t_migrate") as warehouse:
+        assert set(CORE_TABLES) <= set(warehouse.tables())
+        assert warehouse.migrate() == []  # idempotent: nothing left to apply
+        applied = warehouse.query("SELECT version FROM schema_migrations FINAL ORDER BY version")
+        assert [r[0] for r in applied.rows] == [m.version for m in load_migrations()]
+
+
+def test_redelivered_predictions_collapse(
+    stack_settings: Settings, session_warehouse: Warehouse
+) -> None:
+    with temporary_warehouse(stack_settings, "t_dedupe") as warehouse:
+        rows = [_prediction("e-1", 0.9), _prediction("e-2", 0.2), _prediction("e-1", 0.9)]
+        assert warehouse.insert("predictions", rows, PRED_COLUMNS) == 3
+        result = warehouse.query(
+            "SELECT event_id, score, probabilities['1'] FROM predictions FINAL ORDER BY event_id"
+        )
+        assert result.columns == ["event_id", "score", "arrayElement(probabilities, '1')"]
+        assert result.rows == [("e-1", 0.9, 0.9), ("e-2", 0.2, 0.2)]
+
+
+def test_edited_migration_is_refused(
+    stack_settings: Settings, session_warehouse: Warehouse
+) -> None:
+    with temporary_warehouse(stack_settings, "t_edit") as warehouse:
+        first = Migration(
+            9001, "extra", "CREATE TABLE IF NOT EXISTS extra (x UInt8) ENGINE = Memory;"
+        )
+        assert warehouse.migrate([first]) == [first]
+        edited = Migration(
+            9001, "extra", "CREATE TABLE IF NOT EXISTS extra (y UInt8) ENGINE = Memory;"
+        )
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            warehouse.migrate([edited])
+
+
+def test_bad_sql_is_a_clear_warehouse_error(session_warehouse: Warehouse) -> None:
+    with pytest.raises(WarehouseError, match=r"Syntax error|UNKNOWN_TABLE|Unknown table"):
+        session_warehouse.query("SELEC nothing FROM nowhere")
+
+
+def test_cli_query_prints_json_csv_and_table(tmp_path: object) -> None:
+    env = {"STREAMML_STATE_DIR": str(tmp_path)}  # its own chDB: another process owns ours
+    sql = "SELECT name FROM system.tables WHERE database = 'streamml' AND name = 'predictions'"
+    as_json = run_cli("query", sql, "--format", "json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == [{"name": "predictions"}]
+    as_csv = run_cli("query", sql, "-f", "csv", env=env)
+    assert as_csv.stdout.splitlines() == ["name", "predictions"]
+    as_table = run_cli("query", sql, env=env)
+    assert "predictions" in as_table.stdout and "1 row(s)" in as_table.stdout
+    bad = run_cli("query", "SELECT * FROM no_such_table", env=env)
+    assert bad.returncode == 1 and "error:" in bad.stderr
+
+
+def test_second_process_gets_a_clear_lock_error(
+    stack_settings: Settings, session_warehouse: Warehouse
+) -> None:
+    result = run_cli("query", "SELECT 1", env={"STREAMML_STATE_DIR": str(stack_settings.state_dir)})
+    assert result.returncode == 1
+    assert "open in another process" in result.stderr
