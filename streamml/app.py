@@ -1,24 +1,34 @@
-"""The Faust app factory: Settings in, a configured ``faust.App`` out.
+"""The Faust app factory: Settings and pipeline specs in, a configured ``faust.App`` out.
 
-Nothing is created at import. :func:`create_app` builds the app with defaults
-that suit one machine (rebalances in seconds, earliest offsets, memory stores
-recovered from changelog topics), and :func:`run_worker` runs it in the
-foreground until SIGTERM/SIGINT.
+Nothing is created at import. :func:`create_app` builds the app with defaults that
+suit one machine (rebalances in seconds, earliest offsets, memory stores recovered
+from changelog topics) and registers, per pipeline, the agents of the data flow and
+the warehouse sink; :func:`run_worker` runs it until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import faust
 from faust.web import Request, Response, View
 
+from streamml.agents import ingest, learn, score
+from streamml.agents.runtime import PipelineRuntime
 from streamml.config import Settings
+from streamml.schemas.spec import PipelineSpec
+from streamml.streams.sink import WarehouseSink
+from streamml.streams.topics import table_name
+from streamml.streams.warehouse import Warehouse
 
 
-def create_app(settings: Settings) -> faust.App:
-    """Build the Faust app for these settings (no connection is made here)."""
+def create_app(
+    settings: Settings, specs: Sequence[PipelineSpec] = (), with_sink: bool = True
+) -> faust.App:
+    """Build the Faust app for these settings and pipelines (no connection is made here)."""
     brokers = [f"kafka://{hostport}" for hostport in settings.bootstrap_servers.split(",")]
     app = faust.App(
         settings.app_id,
@@ -38,16 +48,41 @@ def create_app(settings: Settings) -> faust.App:
         broker_request_timeout=max(settings.request_timeout_s, settings.session_timeout_s + 5),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger_ms=2,
         stream_wait_empty=False,
     )
     started = time.time()
+    runtimes = {
+        spec.name: PipelineRuntime.from_spec(spec, settings.topic_partitions) for spec in specs
+    }
+    for rt in runtimes.values():
+        partitions = rt.partitions
+        joins = app.Table(table_name(rt.name, "joins"), default=dict, partitions=partitions)
+        models = app.Table(table_name(rt.name, "online-model"), default=str, partitions=partitions)
+        ingest.register(app, rt)
+        early, learn_one = learn.register(app, rt, joins, models)
+        score.register(app, rt, joins, models, early, learn_one)
+    state: dict[str, Any] = {"warehouse": None, "sink": None}
+
+    if with_sink and specs:
+
+        @app.task
+        async def warehouse_sink() -> None:
+            warehouse = await asyncio.to_thread(Warehouse.connect, settings)
+            sink = WarehouseSink(
+                settings, specs, warehouse, settings.sink_max_rows, settings.sink_flush_interval_ms
+            )
+            state.update(warehouse=warehouse, sink=sink)
+            await sink.run()
 
     @app.page("/health")
-    class Health(View):  # faust's page decorator registers the view
+    class Health(View):
         async def get(self, request: Request, **_: Any) -> Response:
             # Ready once partitions are assigned and table state is recovered.
             tables: Any = app.tables  # the concrete TableManager has .recovery
             ready = tables.recovery.completed.is_set() and not app.rebalancing
+            sink_wanted = with_sink and bool(specs)
+            ready = ready and (state["sink"] is not None or not sink_wanted)
             return self.json(
                 {
                     "status": "ok" if ready else "starting",
@@ -55,11 +90,63 @@ def create_app(settings: Settings) -> faust.App:
                     "bootstrap": settings.bootstrap_servers,
                     "uptime_s": round(time.time() - started, 3),
                     "assigned_partitions": len(app.consumer.assignment()),
+                    "pipelines": sorted(runtimes),
                 },
                 status=200 if ready else 503,
             )
 
+    @app.page("/stats")
+    class Stats(View):
+        async def get(self, request: Request, **_: Any) -> Response:
+            sink = state["sink"]
+            return self.json(
+                {
+                    "pipelines": {
+                        name: {
+                            "counters": dict(rt.counters),
+                            "prequential": {
+                                str(p): {"learned": lr.learned, **lr.metric_values()}
+                                for p, lr in rt.learners.items()
+                            },
+                        }
+                        for name, rt in runtimes.items()
+                    },
+                    "sink": None if sink is None else {
+                        "written": dict(sink.stats.written),
+                        "flushes": sink.stats.flushes,
+                        "bad_messages": sink.stats.bad_messages,
+                    },
+                }
+            )
+
+    @app.page("/query")
+    class Query(View):
+        """Run SQL in this process, which owns the embedded warehouse."""
+
+        async def post(self, request: Request, **_: Any) -> Response:
+            warehouse = state["warehouse"]
+            if warehouse is None:
+                return self.json({"error": "this worker has no warehouse open"}, status=503)
+            body = await request.json()
+            try:
+                result = await asyncio.to_thread(warehouse.query, str(body["sql"]))
+            except Exception as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.json(
+                {"columns": result.columns, "rows": [[_plain(v) for v in r] for r in result.rows]}
+            )
+
     return app
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def run_worker(app: faust.App, log_level: str = "info") -> None:

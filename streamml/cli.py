@@ -217,13 +217,31 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
+def _specs(settings: Settings, names: list[str]) -> list[Any]:
+    from streamml.schemas.catalog import load_pipelines
+
+    try:
+        return load_pipelines(settings.pipelines_dir, names)
+    except StreamMLError as exc:
+        _fail(exc)
+
+
 @app.command()
-def worker() -> None:
-    """Run a Faust worker for the configured app in the foreground."""
+def worker(
+    pipeline: list[str] = typer.Option(
+        [], "--pipeline", "-p", help="Pipeline(s) to run (default: every spec in the folder)."
+    ),
+    sink: bool = typer.Option(True, help="Also run the warehouse sink in this worker."),
+) -> None:
+    """Run a Faust worker for the pipelines in the foreground."""
+    import asyncio
+
     from streamml.app import create_app, run_worker
     from streamml.devstack.broker import probe_metadata
+    from streamml.streams.kafka import ensure_pipeline_topics
 
     settings = _settings()
+    specs = _specs(settings, pipeline)
     if not probe_metadata(settings.bootstrap_servers, settings.request_timeout_s):
         _fail(
             StreamMLError(
@@ -231,35 +249,149 @@ def worker() -> None:
                 hint="start the local one with `streamml up` or set STREAMML_KAFKA_BOOTSTRAP",
             )
         )
-    run_worker(create_app(settings), settings.log_level)
+    _run(lambda: asyncio.run(ensure_pipeline_topics(settings, specs)) and None)
+    run_worker(create_app(settings, specs, with_sink=sink), settings.log_level)
+
+
+@app.command()
+def produce(
+    pipeline: str = typer.Argument(..., help="Pipeline name (or spec path)."),
+    file: str = typer.Argument(None, help="CSV or JSON-lines file of records."),
+    synthetic: int = typer.Option(0, help="Send N synthetic records instead of a file."),
+    dataset: bool = typer.Option(False, help="Send the pipeline's bundled dataset (phishing)."),
+    rate: float = typer.Option(0.0, help="Records per second (0: as fast as possible)."),
+    labels: bool = typer.Option(True, help="Also send the labels to <p>.labels."),
+    label_delay: int = typer.Option(0, help="Send each label this many records later."),
+    seed: int = typer.Option(7, help="Seed of the synthetic generator."),
+) -> None:
+    """Produce records (and labels) to a pipeline's topics, with a progress bar."""
+    import asyncio
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from streamml.models import synthetic as synth
+    from streamml.streams.kafka import ensure_pipeline_topics
+    from streamml.streams.producer import produce_examples, read_file
+
+    settings = _settings()
+    [spec] = _specs(settings, [pipeline])
+    if dataset:
+        examples: Any = synth.phishing()
+        total: int | None = 1250
+    elif synthetic:
+        examples, total = synth.payments(synthetic, seed=seed), synthetic
+    elif file:
+        examples, total = read_file(Path(file), spec), None
+    else:
+        _fail(StreamMLError("nothing to send", hint="give a FILE, --synthetic N or --dataset"))
+
+    def action() -> None:
+        asyncio.run(ensure_pipeline_topics(settings, [spec]))
+        with Progress(console=console) as bar:
+            task = bar.add_task(f"producing to {spec.topic('raw')}", total=total)
+            sent = asyncio.run(
+                produce_examples(
+                    settings, spec, examples, rate or None, labels, label_delay,
+                    lambda n: bar.update(task, completed=n),
+                )
+            )
+        console.print(f"sent {sent} records to {spec.topic('raw')}")
+
+    _run(action)
+
+
+@app.command()
+def tail(
+    pipeline: str = typer.Argument(..., help="Pipeline name."),
+    count: int = typer.Option(10, "-n", help="How many predictions to print."),
+    timeout_s: float = typer.Option(30.0, help="Give up after this long."),
+) -> None:
+    """Print predictions from <p>.predictions (from the start of the topic)."""
+    import asyncio
+
+    from streamml.streams.kafka import consume
+
+    settings = _settings()
+    [spec] = _specs(settings, [pipeline])
+
+    def action() -> None:
+        messages = asyncio.run(consume(settings, [spec.topic("predictions")], count, None, timeout_s))
+        for message in messages:
+            sys.stdout.write((message.value or b"").decode() + "\n")
+
+    _run(action)
+
+
+@app.command("schema")
+def schema_export(
+    pipeline: str = typer.Argument(..., help="Pipeline name."),
+) -> None:
+    """Print the JSON Schema of a pipeline's raw records (for producers in any language)."""
+    from streamml.schemas.records import json_schema
+
+    settings = _settings()
+    [spec] = _specs(settings, [pipeline])
+    sys.stdout.write(json.dumps(json_schema(spec), indent=2) + "\n")
 
 
 @app.command()
 def demo(
+    events: int = typer.Option(20_000, help="How many events to stream."),
     keep_broker: bool = typer.Option(
         False, "--keep-broker", help="Leave the broker running if the demo started it."
     ),
 ) -> None:
-    """The main job: run the end-to-end flow on the embedded default stack and report it."""
-    from streamml.demo import run_smoke
+    """The main job: stream the demo pipeline end to end and show what ClickHouse saw."""
+    from rich.live import Live
+
+    from streamml.demo import Tick, run_demo
 
     settings = _settings()
+    live = Live(console=console, refresh_per_second=4)
+
+    def on_tick(tick: Tick) -> None:
+        acc = "-" if tick.rolling_accuracy is None else f"{tick.rolling_accuracy:.3f}"
+        live.update(
+            f"[bold]{tick.elapsed_s:5.0f} s[/]  produced {tick.produced:>6}  "
+            f"scored {tick.scored:>6} ({tick.events_per_s:,.0f}/s)  learned {tick.learned:>6}  "
+            f"rolling accuracy {acc}  in ClickHouse {tick.in_warehouse:>6}  "
+            f"dead letters {tick.dead_letters}"
+        )
 
     def action() -> None:
-        report = run_smoke(settings, _say, keep_broker=keep_broker)
-        table = Table("step", "ms", "what happened", title="streamml smoke flow")
-        for name, ms, detail in report.steps:
-            table.add_row(name, f"{ms:.0f}", detail)
-        console.print(table)
-        if report.broker_left_running:
-            console.print(
-                f"[yellow]left running:[/] the Kafka broker at {settings.bootstrap_servers} "
-                "(`streamml down` stops it)"
-            )
-        else:
-            console.print("[green]done;[/] nothing left running")
+        with live:
+            report = run_demo(settings, events, _say, on_tick, keep_broker=keep_broker)
+        _print_demo(report)
 
     _run(action)
+
+
+def _print_demo(report: Any) -> None:
+    console.print(
+        f"\n[bold green]demo finished[/] in {report.seconds:.0f} s: {report.events} events -> "
+        f"{report.predictions} prediction rows + {report.dead_letter_rows} dead letters in ClickHouse"
+    )
+    table = Table("minute", "labeled", "accuracy", title="served accuracy per minute (event time)")
+    for minute, n, accuracy in report.per_minute:
+        table.add_row(str(minute), str(n), f"{accuracy:.3f}")
+    console.print(table)
+    lat = Table("figure", "ms", title="latency (from ClickHouse)")
+    for name, value in report.latency.items():
+        lat.add_row(name, f"{value:.2f}")
+    console.print(lat)
+    dlq = Table("error class", "rows", "example reason", title="dead letters")
+    for error_class, n, example in report.dead_letters:
+        dlq.add_row(str(error_class), str(n), str(example))
+    console.print(dlq)
+    if report.png:
+        console.print(f"accuracy over time saved to [bold]{report.png}[/]")
+    for line in report.stopped:
+        console.print(f"[dim]{line}[/]")
+    if report.left_running:
+        console.print("[yellow]left running:[/] " + "; ".join(report.left_running))
+    else:
+        console.print("[green]nothing left running[/]")
 
 
 def main() -> None:

@@ -269,6 +269,8 @@ def check_port_free(port: int, host: str = LOCAL_HOST) -> None:
         taken = probe.connect_ex((host, port)) == 0
     if not taken:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # as the broker does: connections in TIME_WAIT must not count as "in use"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError:

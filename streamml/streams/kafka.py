@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -220,3 +220,20 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
         record.value,
         tuple(record.headers),
     )
+
+
+async def ensure_pipeline_topics(settings: Settings, specs: Iterable[Any]) -> list[str]:
+    """Create every topic of these pipelines, all with the pipeline's partition count
+    (co-partitioning: raw, features, predictions and labels of a key meet in one worker)."""
+    from streamml.streams.topics import CONTROL_TOPIC, changelog_topics, pipeline_topics
+
+    created: list[str] = []
+    for spec in specs:
+        partitions = spec.topics.partitions or settings.topic_partitions
+        created += await ensure_topics(settings, pipeline_topics(spec).values(), partitions)
+        created += await ensure_topics(
+            settings, changelog_topics(settings.app_id, spec), partitions,
+            config={"cleanup.policy": "compact"},
+        )
+    created += await ensure_topics(settings, [CONTROL_TOPIC], partitions=1)
+    return created

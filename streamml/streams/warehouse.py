@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,9 @@ class Warehouse:
         self.client = client
         self.database = database
         self.dsn = dsn
+        # One client is not safe for concurrent use (the sink inserts from a thread
+        # while /query reads): calls go through one at a time.
+        self._lock = threading.Lock()
 
     @classmethod
     def connect(cls, settings: Settings, migrate: bool = True) -> Warehouse:
@@ -172,13 +176,15 @@ class Warehouse:
     # --- data -----------------------------------------------------------------------
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
         try:
-            self.client.command(sql, parameters=parameters)
+            with self._lock:
+                self.client.command(sql, parameters=parameters)
         except ClickHouseError as exc:
             raise WarehouseError(_first_line(exc)) from exc
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         try:
-            result = self.client.query(sql, parameters=parameters)
+            with self._lock:
+                result = self.client.query(sql, parameters=parameters)
         except ClickHouseError as exc:
             raise WarehouseError(_first_line(exc)) from exc
         return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
@@ -188,7 +194,8 @@ class Warehouse:
         if not rows:
             return 0
         try:
-            self.client.insert(table, list(rows), column_names=list(column_names))
+            with self._lock:
+                self.client.insert(table, list(rows), column_names=list(column_names))
         except ClickHouseError as exc:
             raise WarehouseError(f"insert into {table} failed: {_first_line(exc)}") from exc
         return len(rows)

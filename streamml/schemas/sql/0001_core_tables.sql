@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS predictions
     predicted_class String,
     probabilities   Map(String, Float64),
     latency_ms      Float64,
+    e2e_latency_ms  Float64,
     trace_id        String,
     inserted_at     DateTime64(3, 'UTC') DEFAULT now64(3)
 )
@@ -40,21 +41,24 @@ ENGINE = ReplacingMergeTree(inserted_at)
 PARTITION BY toDate(ts)
 ORDER BY (pipeline, event_id);
 
--- Prequential and operational metrics, one row per minute, model version, role and metric.
+-- Prequential metrics over the labels of one minute, per model version, role, metric and
+-- source partition (each partition has its own online model). Combine partitions with
+-- sum(value * n) / sum(n). The latest row of a minute wins.
 CREATE TABLE IF NOT EXISTS metrics
 (
-    pipeline       LowCardinality(String),
-    model_version  String,
-    role           LowCardinality(String),
-    metric         LowCardinality(String),
-    window_start   DateTime('UTC'),
-    value          Float64,
-    n              UInt64,
-    updated_at     DateTime64(3, 'UTC') DEFAULT now64(3)
+    pipeline          LowCardinality(String),
+    model_version     String,
+    role              LowCardinality(String),
+    metric            LowCardinality(String),
+    window_start      DateTime('UTC'),
+    source_partition  UInt32 DEFAULT 0,
+    value             Float64,
+    n                 UInt64,
+    updated_at        DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree(updated_at)
 PARTITION BY toDate(window_start)
-ORDER BY (pipeline, model_version, role, metric, window_start);
+ORDER BY (pipeline, model_version, role, metric, window_start, source_partition);
 
 -- One row per drift detection.
 CREATE TABLE IF NOT EXISTS drift_events

@@ -1,0 +1,65 @@
+"""Per-pipeline state shared by the agents of one worker: spec, featurizer, online models.
+
+Each source partition has its own online model (labels are keyed like raw records, so a
+partition's features and labels meet in the same worker); the model and the
+featurizer's running statistics are snapshotted to changelogged Faust tables, so a
+restarted worker, or the worker a partition moves to, resumes them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamml.models.features import Featurizer, GlobalState
+from streamml.models.online import OnlineLearner
+from streamml.schemas.spec import PipelineSpec
+from streamml.streams.topics import pipeline_topics
+
+
+@dataclass
+class PipelineRuntime:
+    spec: PipelineSpec
+    featurizer: Featurizer
+    topics: dict[str, str]
+    partitions: int
+    learners: dict[int, OnlineLearner] = field(default_factory=dict)
+    feature_states: dict[int, GlobalState] = field(default_factory=dict)
+    counters: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec, default_partitions: int) -> PipelineRuntime:
+        partitions = spec.topics.partitions or default_partitions
+        return cls(spec, Featurizer(spec), pipeline_topics(spec), partitions)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def learner(self, partition: int, snapshot: Any = None) -> OnlineLearner:
+        """The partition's online model, restored from its snapshot the first time."""
+        learner = self.learners.get(partition)
+        if learner is None:
+            if isinstance(snapshot, str) and snapshot:
+                learner = OnlineLearner.restore(self.spec, base64.b64decode(snapshot))
+                self.counters["model_restored"] += 1
+            else:
+                learner = OnlineLearner(self.spec)
+            self.learners[partition] = learner
+        return learner
+
+    def feature_state(self, partition: int, snapshot: Any = None) -> GlobalState:
+        state = self.feature_states.get(partition)
+        if state is None:
+            state = GlobalState(dict(snapshot) if isinstance(snapshot, dict) else None)
+            self.feature_states[partition] = state
+        return state
+
+    def forget(self, partitions: set[int]) -> None:
+        """Drop in-memory state of partitions this worker no longer owns."""
+        for p in partitions:
+            self.learners.pop(p, None)
+            self.feature_states.pop(p, None)

@@ -1,0 +1,151 @@
+"""Online models (river) built from the spec, with prequential metrics per model version."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from river import compose, linear_model, metrics, naive_bayes, preprocessing, tree
+
+from streamml.schemas.spec import OnlineModelSpec, PipelineSpec
+
+Factory = Callable[[dict[str, Any]], Any]
+
+MODELS: dict[str, Factory] = {
+    "logistic_regression": lambda p: linear_model.LogisticRegression(**p),
+    "hoeffding_tree": lambda p: tree.HoeffdingTreeClassifier(**p),
+    "hoeffding_adaptive_tree": lambda p: tree.HoeffdingAdaptiveTreeClassifier(**p),
+    "gaussian_nb": lambda p: naive_bayes.GaussianNB(**p),
+    "linear_regression": lambda p: linear_model.LinearRegression(**p),
+    "hoeffding_tree_regressor": lambda p: tree.HoeffdingTreeRegressor(**p),
+}
+
+
+def build_model(spec: OnlineModelSpec) -> Any:
+    """The river model the spec names, behind a StandardScaler when ``scale`` is set."""
+    model = MODELS[spec.kind](dict(spec.params))
+    if spec.scale:
+        return compose.Pipeline(preprocessing.StandardScaler(), model)
+    return model
+
+
+@dataclass(frozen=True)
+class Prediction:
+    score: float
+    predicted_class: str
+    probabilities: dict[str, float]
+
+
+class OnlineLearner:
+    """One online model and its prequential metrics (test, then train, on every label)."""
+
+    def __init__(self, spec: PipelineSpec, model: Any | None = None, learned: int = 0) -> None:
+        self.spec = spec
+        self.model = model if model is not None else build_model(spec.online_model)
+        self.learned = learned
+        self.metrics = new_metrics(spec)
+        self.classification = spec.task == "classification"
+        self.positive = spec.label.positive
+
+    @property
+    def version(self) -> str:
+        return f"online-{self.spec.spec_hash[:8]}"
+
+    def predict(self, x: dict[str, float]) -> Prediction:
+        if not self.classification:
+            y = self.model.predict_one(x)
+            value = float(y) if y is not None else 0.0
+            return Prediction(value, "", {})
+        proba = {str(k): float(v) for k, v in self.model.predict_proba_one(x).items()}
+        if not proba:
+            return Prediction(0.0, "", {})
+        best = max(proba, key=lambda k: proba[k])
+        positive = self.positive if self.positive is not None else "True"
+        return Prediction(proba.get(positive, 0.0), best, proba)
+
+    def learn(self, x: dict[str, float], y: Any) -> Prediction:
+        """Prequential step: predict ``x``, score it against ``y``, then learn from it."""
+        before = self.predict(x)
+        target = coerce_label(y, self.classification)
+        if self.classification:
+            predicted = _like(before.predicted_class, target) if before.predicted_class else None
+            for name, metric in self.metrics.items():
+                if name == "roc_auc":
+                    metric.update(_is_positive(target, self.positive), {True: before.score, False: 1 - before.score})
+                elif predicted is not None:
+                    metric.update(target, predicted)
+        else:
+            for metric in self.metrics.values():
+                metric.update(target, before.score)
+        self.model.learn_one(x, target)
+        self.learned += 1
+        return before
+
+    def metric_values(self) -> dict[str, float]:
+        values = {}
+        for name, metric in self.metrics.items():
+            value = float(metric.get())
+            values[name] = value if math.isfinite(value) else 0.0
+        return values
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps({"model": self.model, "learned": self.learned, "metrics": self.metrics})
+
+    @classmethod
+    def restore(cls, spec: PipelineSpec, blob: bytes) -> OnlineLearner:
+        state = pickle.loads(blob)  # our own snapshot from the changelog, not user input
+        learner = cls(spec, state["model"], state["learned"])
+        learner.metrics = state["metrics"]
+        return learner
+
+
+def new_metrics(spec: PipelineSpec) -> dict[str, Any]:
+    if spec.task == "regression":
+        return {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
+    pos = _pos_label(spec.label.positive)
+    return {
+        "accuracy": metrics.Accuracy(),
+        "precision": metrics.Precision(pos_val=pos),
+        "recall": metrics.Recall(pos_val=pos),
+        "f1": metrics.F1(pos_val=pos),
+        "roc_auc": metrics.ROCAUC(pos_val=True),
+    }
+
+
+def _pos_label(positive: str | None) -> Any:
+    if positive is None or positive.lower() == "true":
+        return True
+    if positive.lower() == "false":
+        return False
+    return positive
+
+
+def coerce_label(y: Any, classification: bool) -> Any:
+    """Labels arrive as JSON: keep booleans and strings; numbers become classes or targets."""
+    if not classification:
+        return float(y)
+    if isinstance(y, bool | str):
+        return y
+    if isinstance(y, float) and y.is_integer():
+        return int(y)
+    return y
+
+
+def _like(predicted: str, target: Any) -> Any:
+    """Predicted classes travel as strings; compare them as the label's type."""
+    if isinstance(target, bool):
+        return predicted == "True"
+    if isinstance(target, int):
+        try:
+            return int(predicted)
+        except ValueError:
+            return predicted
+    return predicted
+
+
+def _is_positive(target: Any, positive: str | None) -> bool:
+    pos = _pos_label(positive)
+    return bool(target == pos or str(target) == str(pos))

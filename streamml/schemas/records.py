@@ -1,0 +1,219 @@
+"""Raw bytes -> a typed record, or a dead letter saying exactly what was wrong.
+
+Derivation rules when the producer leaves them out (documented in docs/pipeline-spec.md):
+
+* ``event_id`` missing -> ``"<topic>:<partition>:<offset>"`` of the raw record, so a
+  re-delivered record gets the same id and collapses in ClickHouse.
+* timestamp missing -> the Kafka record's timestamp (ms since the epoch).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from streamml.schemas.spec import FieldSpec, PipelineSpec
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a raw record came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """A valid raw record: identity, event time (ms), entity and typed fields."""
+
+    event_id: str
+    ts_ms: int
+    entity_key: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A rejected record: the original bytes, an error class, a reason and its source."""
+
+    error_class: str
+    reason: str
+    payload: bytes
+    source: Source
+
+    def to_json(self, pipeline: str) -> bytes:
+        return orjson.dumps(
+            {
+                "pipeline": pipeline,
+                "error_class": self.error_class,
+                "reason": self.reason,
+                "payload": self.payload.decode("utf-8", errors="replace"),
+                "topic": self.source.topic,
+                "partition": self.source.partition,
+                "offset": self.source.offset,
+                "ts_ms": self.source.timestamp_ms,
+                "key": (self.source.key or b"").decode("utf-8", errors="replace"),
+            }
+        )
+
+
+class _Reject(Exception):
+    def __init__(self, error_class: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error_class = error_class
+        self.reason = reason
+
+
+def validate(spec: PipelineSpec, payload: bytes, source: Source) -> Record | DeadLetter:
+    """Check ``payload`` against the spec's schema."""
+    try:
+        return _validate(spec, payload, source)
+    except _Reject as rej:
+        return DeadLetter(rej.error_class, rej.reason, payload, source)
+
+
+def _validate(spec: PipelineSpec, payload: bytes, source: Source) -> Record:
+    schema = spec.schema_
+    if len(payload) > schema.max_record_bytes:
+        raise _Reject("oversize", f"{len(payload)} bytes > max_record_bytes {schema.max_record_bytes}")
+    data = _parse(payload)
+    if not isinstance(data, dict):
+        raise _Reject("not_an_object", f"expected a JSON object, got {type(data).__name__}")
+    known = set(schema.fields) | {schema.event_id, schema.timestamp}
+    unknown = sorted(set(data) - known)
+    if unknown and schema.unknown_fields == "reject":
+        raise _Reject("unexpected_field", f"unexpected field(s): {', '.join(unknown)}")
+    fields: dict[str, Any] = {}
+    for name, fspec in schema.fields.items():
+        if name not in data:
+            if fspec.required:
+                raise _Reject("missing_field", f"field {name!r} is required")
+            fields[name] = None
+            continue
+        fields[name] = _check(name, fspec, data[name])
+    event_id = data.get(schema.event_id)
+    if event_id is None or event_id == "":
+        event_id = f"{source.topic}:{source.partition}:{source.offset}"
+    elif not isinstance(event_id, str | int) or isinstance(event_id, bool):
+        raise _Reject("wrong_type", f"{schema.event_id!r} must be a string or integer")
+    raw_ts = data.get(schema.timestamp)
+    ts_ms = source.timestamp_ms if raw_ts is None else _timestamp_ms(schema.timestamp, raw_ts)
+    entity = "" if schema.entity_key is None else str(fields[schema.entity_key] or "")
+    return Record(str(event_id), ts_ms, entity, fields)
+
+
+def _parse(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
+    try:  # NaN/Infinity literals are not JSON, but Python producers write them
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Reject("malformed_json", f"not valid JSON: {str(exc)[:200]}") from None
+
+
+def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
+    if value is None:
+        if fspec.nullable:
+            return None
+        raise _Reject("null_not_allowed", f"field {name!r} must not be null")
+    kind = fspec.type
+    if kind in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Reject("wrong_type", f"field {name!r} must be a number, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            if not fspec.allow_nan:
+                raise _Reject("not_finite", f"field {name!r} is {value}")
+            return value
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise _Reject("wrong_type", f"field {name!r} must be an integer, got {value}")
+            value = int(value)
+        else:
+            value = float(value)
+        if fspec.min is not None and value < fspec.min:
+            raise _Reject("out_of_range", f"field {name!r} = {value} is below min {fspec.min}")
+        if fspec.max is not None and value > fspec.max:
+            raise _Reject("out_of_range", f"field {name!r} = {value} is above max {fspec.max}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _Reject("wrong_type", f"field {name!r} must be true or false")
+        return value
+    if kind == "timestamp":
+        return _timestamp_ms(name, value)
+    if not isinstance(value, str):
+        raise _Reject("wrong_type", f"field {name!r} must be a string, got {type(value).__name__}")
+    if fspec.max_length is not None and len(value) > fspec.max_length:
+        raise _Reject("too_long", f"field {name!r} is longer than {fspec.max_length}")
+    if fspec.choices is not None and value not in fspec.choices:
+        raise _Reject("bad_choice", f"field {name!r} = {value!r} is not one of {fspec.choices}")
+    return value
+
+
+def _timestamp_ms(name: str, value: Any) -> int:
+    """Epoch seconds or milliseconds (numbers), or an ISO 8601 string, to epoch ms."""
+    if isinstance(value, bool):
+        raise _Reject("bad_timestamp", f"field {name!r} must be a time, got a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise _Reject("bad_timestamp", f"field {name!r} is {value}")
+        return int(value if abs(value) >= 1e11 else value * 1000)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise _Reject("bad_timestamp", f"field {name!r} = {value[:40]!r} is not ISO 8601") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        return int(parsed.timestamp() * 1000)
+    raise _Reject("bad_timestamp", f"field {name!r} must be a time, got {type(value).__name__}")
+
+
+def json_schema(spec: PipelineSpec) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the raw record, for producers in other languages."""
+    types = {"float": "number", "int": "integer", "bool": "boolean", "string": "string"}
+    props: dict[str, Any] = {}
+    required = []
+    for name, fspec in spec.schema_.fields.items():
+        prop: dict[str, Any]
+        if fspec.type == "timestamp":
+            prop = {"type": ["string", "number"], "description": "ISO 8601 or epoch s/ms"}
+        else:
+            prop = {"type": types[fspec.type]}
+        if fspec.min is not None:
+            prop["minimum"] = fspec.min
+        if fspec.max is not None:
+            prop["maximum"] = fspec.max
+        if fspec.choices is not None:
+            prop["enum"] = list(fspec.choices)
+        if fspec.max_length is not None:
+            prop["maxLength"] = fspec.max_length
+        if fspec.nullable:
+            prop = {"anyOf": [prop, {"type": "null"}]}
+        props[name] = prop
+        if fspec.required:
+            required.append(name)
+    props.setdefault(spec.schema_.event_id, {"type": ["string", "integer"]})
+    props.setdefault(
+        spec.schema_.timestamp, {"type": ["string", "number"], "description": "ISO 8601 or epoch s/ms"}
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"{spec.name}.raw",
+        "description": spec.description or f"raw records of pipeline {spec.name}",
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": spec.schema_.unknown_fields != "reject",
+    }

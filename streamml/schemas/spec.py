@@ -1,0 +1,263 @@
+"""Pipeline specs: one YAML file per ML service, loaded with precise errors.
+
+A spec names the raw record's fields and types, the entity key, event-id and
+timestamp fields, the label, the features, the online model and the topic layout.
+Everything else (topic names, the validator, the JSON Schema for producers, the
+ClickHouse rows) is derived from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from streamml.errors import SpecError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+FieldType = Literal["float", "int", "bool", "string", "timestamp"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Strict):
+    """One field of the raw record."""
+
+    type: FieldType
+    required: bool = True
+    nullable: bool = False
+    allow_nan: bool = False
+    min: float | None = None
+    max: float | None = None
+    choices: list[str] | None = None
+    max_length: int | None = Field(default=None, ge=1)
+
+
+class SchemaSpec(_Strict):
+    fields: dict[str, FieldSpec]
+    entity_key: str | None = None
+    event_id: str = "event_id"
+    timestamp: str = "ts"
+    unknown_fields: Literal["reject", "drop"] = "reject"
+    max_record_bytes: int = Field(default=65_536, ge=64)
+
+    @field_validator("fields")
+    @classmethod
+    def _names(cls, value: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+        if not value:
+            raise ValueError("declare at least one field")
+        bad = [n for n in value if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n)]
+        if bad:
+            raise ValueError(f"field names must be identifiers: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_exist(self) -> SchemaSpec:
+        if self.entity_key is not None and self.entity_key not in self.fields:
+            raise ValueError(f"entity_key {self.entity_key!r} is not one of the fields")
+        return self
+
+
+class LabelSpec(_Strict):
+    field: str = "label"
+    # For classification: the class treated as positive in precision/recall/F1/AUC.
+    positive: str | None = None
+    ttl_s: float = Field(default=3600.0, gt=0)
+
+
+class WindowSpec(_Strict):
+    type: Literal["tumbling", "hopping"] = "tumbling"
+    size_s: float = Field(gt=0)
+    step_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _hopping(self) -> WindowSpec:
+        if self.type == "hopping" and self.step_s is None:
+            raise ValueError("a hopping window needs step_s")
+        if self.step_s is not None and self.step_s > self.size_s:
+            raise ValueError("step_s must not exceed size_s")
+        return self
+
+
+Agg = Literal["count", "sum", "mean", "std", "min", "max"]
+
+
+class NumericFeature(_Strict):
+    kind: Literal["numeric", "log1p", "clip", "standardize"]
+    name: str
+    field: str
+    lower: float | None = None
+    upper: float | None = None
+    fill: float = 0.0
+
+
+class CategoricalFeature(_Strict):
+    kind: Literal["onehot", "frequency", "hashing"]
+    name: str
+    field: str
+    max_categories: int = Field(default=20, ge=1, le=10_000)
+    buckets: int = Field(default=16, ge=2, le=1 << 20)
+
+
+class TimeFeature(_Strict):
+    kind: Literal["cyclic_time"]
+    name: str
+    field: str | None = None  # default: the record's timestamp
+
+
+class ConstructedFeature(_Strict):
+    kind: Literal["ratio", "interaction", "difference"]
+    name: str
+    fields: list[str] = Field(min_length=2, max_length=2)
+
+
+class WindowFeature(_Strict):
+    kind: Literal["window"]
+    name: str
+    field: str
+    aggs: list[Agg] = Field(min_length=1)
+    window: WindowSpec
+
+
+class LastNFeature(_Strict):
+    kind: Literal["last_n"]
+    name: str
+    field: str
+    n: int = Field(ge=1, le=10_000)
+    aggs: list[Agg] = Field(min_length=1)
+
+
+FeatureSpec = Annotated[
+    NumericFeature
+    | CategoricalFeature
+    | TimeFeature
+    | ConstructedFeature
+    | WindowFeature
+    | LastNFeature,
+    Field(discriminator="kind"),
+]
+
+
+class OnlineModelSpec(_Strict):
+    kind: Literal[
+        "logistic_regression",
+        "hoeffding_adaptive_tree",
+        "hoeffding_tree",
+        "gaussian_nb",
+        "linear_regression",
+        "hoeffding_tree_regressor",
+    ]
+    scale: bool = True
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    snapshot_every: int = Field(default=500, ge=1)
+
+
+class TopicsSpec(_Strict):
+    partitions: int | None = Field(default=None, ge=1, le=1024)
+
+
+class PipelineSpec(_Strict):
+    name: str
+    description: str = ""
+    task: Literal["classification", "regression"]
+    topics: TopicsSpec = TopicsSpec()
+    schema_: SchemaSpec = Field(alias="schema")
+    label: LabelSpec = LabelSpec()
+    features: list[FeatureSpec] = Field(min_length=1)
+    select: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+    online_model: OnlineModelSpec
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("lower-case letters, digits and underscores, starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> PipelineSpec:
+        fields = self.schema_.fields
+        names: list[str] = []
+        for i, feature in enumerate(self.features):
+            where = f"features[{i}] ({feature.name})"
+            used = _fields_used(feature, self.schema_.timestamp)
+            for name in used:
+                if name not in fields and name != self.schema_.timestamp:
+                    raise ValueError(f"{where}: field {name!r} is not in schema.fields")
+            names.append(feature.name)
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"feature names must be unique: {sorted(dupes)}")
+        windowed = [f for f in self.features if isinstance(f, WindowFeature | LastNFeature)]
+        if windowed and self.schema_.entity_key is None:
+            raise ValueError(
+                f"{windowed[0].name}: per-entity aggregates need schema.entity_key"
+            )
+        model = self.online_model.kind
+        regression = model in {"linear_regression", "hoeffding_tree_regressor"}
+        if regression != (self.task == "regression"):
+            raise ValueError(f"online_model.kind {model!r} does not fit task {self.task!r}")
+        return self
+
+    # --- derived ---------------------------------------------------------------
+    def topic(self, suffix: str) -> str:
+        return f"{self.name}.{suffix}"
+
+    @property
+    def topics_by_role(self) -> dict[str, str]:
+        return {r: self.topic(r) for r in ("raw", "dlq", "features", "predictions", "labels")}
+
+    @property
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _fields_used(feature: Any, timestamp: str) -> list[str]:
+    if isinstance(feature, ConstructedFeature):
+        return list(feature.fields)
+    if isinstance(feature, TimeFeature):
+        return [feature.field or timestamp]
+    return [feature.field]
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
+    """Validate spec data; a problem becomes a SpecError naming the key and the fix."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a pipeline spec is a mapping of keys, got {type(data).__name__}")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+            loc = loc.replace("schema_", "schema")
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{loc or '(top level)'}: {msg}")
+        raise SpecError(f"{source}: invalid pipeline spec:\n  " + "\n  ".join(problems)) from None
+
+
+def load_spec(path: Path) -> PipelineSpec:
+    """Read and validate a YAML spec file."""
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"no pipeline spec at {path}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_spec(data, str(path))
