@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -66,7 +67,7 @@ def create_app(
 
     if with_sink and specs:
 
-        @app.task
+        @app.task  # type: ignore[untyped-decorator]
         async def warehouse_sink() -> None:
             warehouse = await asyncio.to_thread(Warehouse.connect, settings)
             sink = WarehouseSink(
@@ -111,7 +112,9 @@ def create_app(
                         }
                         for name, rt in runtimes.items()
                     },
-                    "sink": None if sink is None else {
+                    "sink": None
+                    if sink is None
+                    else {
                         "written": dict(sink.stats.written),
                         "flushes": sink.stats.flushes,
                         "bad_messages": sink.stats.bad_messages,
@@ -151,5 +154,6 @@ def _plain(value: Any) -> Any:
 
 def run_worker(app: faust.App, log_level: str = "info") -> None:
     """Run the app's worker in the foreground (blocks until it is stopped)."""
+    Path(str(app.conf.datadir)).mkdir(parents=True, exist_ok=True)
     worker = faust.Worker(app, loglevel=log_level)
     worker.execute_from_commandline()

@@ -249,7 +249,11 @@ def worker(
                 hint="start the local one with `streamml up` or set STREAMML_KAFKA_BOOTSTRAP",
             )
         )
-    _run(lambda: asyncio.run(ensure_pipeline_topics(settings, specs)) and None)
+
+    def create_topics() -> None:
+        asyncio.run(ensure_pipeline_topics(settings, specs))
+
+    _run(create_topics)
     run_worker(create_app(settings, specs, with_sink=sink), settings.log_level)
 
 
@@ -292,7 +296,12 @@ def produce(
             task = bar.add_task(f"producing to {spec.topic('raw')}", total=total)
             sent = asyncio.run(
                 produce_examples(
-                    settings, spec, examples, rate or None, labels, label_delay,
+                    settings,
+                    spec,
+                    examples,
+                    rate or None,
+                    labels,
+                    label_delay,
                     lambda n: bar.update(task, completed=n),
                 )
             )
@@ -316,7 +325,9 @@ def tail(
     [spec] = _specs(settings, [pipeline])
 
     def action() -> None:
-        messages = asyncio.run(consume(settings, [spec.topic("predictions")], count, None, timeout_s))
+        messages = asyncio.run(
+            consume(settings, [spec.topic("predictions")], count, None, timeout_s)
+        )
         for message in messages:
             sys.stdout.write((message.value or b"").decode() + "\n")
 
@@ -370,7 +381,8 @@ def demo(
 def _print_demo(report: Any) -> None:
     console.print(
         f"\n[bold green]demo finished[/] in {report.seconds:.0f} s: {report.events} events -> "
-        f"{report.predictions} prediction rows + {report.dead_letter_rows} dead letters in ClickHouse"
+        f"{report.predictions} prediction rows + {report.dead_letter_rows} dead letters "
+        "in ClickHouse"
     )
     table = Table("minute", "labeled", "accuracy", title="served accuracy per minute (event time)")
     for minute, n, accuracy in report.per_minute:

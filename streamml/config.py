@@ -186,11 +186,13 @@ class Settings(BaseSettings):
         description="STREAMML_PIPELINES_DIR: folder of pipeline specs (<name>.yaml).",
     )
     sink_max_rows: int = Field(
-        default=10_000, ge=1,
+        default=10_000,
+        ge=1,
         description="STREAMML_SINK_MAX_ROWS: the warehouse sink writes a batch at this many rows.",
     )
     sink_flush_interval_ms: int = Field(
-        default=1000, ge=10,
+        default=1000,
+        ge=10,
         description="STREAMML_SINK_FLUSH_INTERVAL_MS: ... or after this long, whichever is first.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(

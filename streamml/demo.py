@@ -84,18 +84,22 @@ def run_demo(
         run_start = dt.datetime.now(dt.UTC).replace(microsecond=0)
         seed = int(run_start.timestamp())
         report.run_filter = f"startsWith(event_id, 'pay-{seed}-')"  # this run's events only
-        examples = payments(
-            events, seed=seed, start=run_start, span_s=1200, bad_every=BAD_EVERY
-        )
+        examples = payments(events, seed=seed, start=run_start, span_s=1200, bad_every=BAD_EVERY)
         produced = [0]
         failure: list[BaseException] = []
 
         def produce() -> None:
             try:
-                asyncio.run(produce_examples(
-                    settings, spec, examples, rate=None, label_delay=200,
-                    progress=lambda n: produced.__setitem__(0, n),
-                ))
+                asyncio.run(
+                    produce_examples(
+                        settings,
+                        spec,
+                        examples,
+                        rate=None,
+                        label_delay=200,
+                        progress=lambda n: produced.__setitem__(0, n),
+                    )
+                )
             except BaseException as exc:  # reported by the main thread
                 failure.append(exc)
 
@@ -120,9 +124,15 @@ def _since(run_start: dt.datetime) -> str:
 
 
 def _watch(
-    worker: WorkerProcess, report: DemoReport, run_start: dt.datetime, produced: list[int],
-    started: float, on_tick: Callable[[Tick], None], timeout_s: float,
-    thread: threading.Thread, failure: list[BaseException],
+    worker: WorkerProcess,
+    report: DemoReport,
+    run_start: dt.datetime,
+    produced: list[int],
+    started: float,
+    on_tick: Callable[[Tick], None],
+    timeout_s: float,
+    thread: threading.Thread,
+    failure: list[BaseException],
 ) -> None:
     since = _since(run_start)
     last = (time.monotonic(), 0, 0.0, 0.0)  # time, scored, correct, learned
@@ -144,8 +154,12 @@ def _watch(
         scored = int(counters.get("scored", 0))
         d_learned = learned - last[3]
         tick = Tick(
-            elapsed_s=now - started, produced=produced[0], scored=scored, learned=int(learned),
-            dead_letters=dead, in_warehouse=in_warehouse,
+            elapsed_s=now - started,
+            produced=produced[0],
+            scored=scored,
+            learned=int(learned),
+            dead_letters=dead,
+            in_warehouse=in_warehouse,
             events_per_s=(scored - last[1]) / max(now - last[0], 1e-3),
             rolling_accuracy=(correct - last[2]) / d_learned if d_learned > 0 else None,
         )
@@ -171,12 +185,17 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
         INNER JOIN (SELECT event_id, label FROM labels FINAL WHERE pipeline = '{PIPELINE}') AS l
         USING event_id
         GROUP BY minute ORDER BY minute""")
-    cols, rows = worker.query(f"""
+    _, rows = worker.query(f"""
         SELECT quantile(0.5)(latency_ms), quantile(0.99)(latency_ms),
                quantile(0.5)(e2e_latency_ms), quantile(0.99)(e2e_latency_ms), count()
         FROM predictions FINAL WHERE pipeline = '{PIPELINE}' AND {report.run_filter}""")
-    names = ["score_p50_ms", "score_p99_ms", "event_to_prediction_p50_ms",
-             "event_to_prediction_p99_ms", "predictions"]
+    names = [
+        "score_p50_ms",
+        "score_p99_ms",
+        "event_to_prediction_p50_ms",
+        "event_to_prediction_p99_ms",
+        "predictions",
+    ]
     report.latency = {n: float(v) for n, v in zip(names, rows[0], strict=True)}
     report.predictions = int(report.latency.pop("predictions"))
     _, report.dead_letters = worker.query(f"""

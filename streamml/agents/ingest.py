@@ -16,15 +16,18 @@ from streamml.agents.runtime import PipelineRuntime
 from streamml.schemas.records import DeadLetter, Source, validate
 from streamml.streams.topics import dumps, table_name
 
-
-
 STATS_SNAPSHOT_EVERY = 200
 
 
 def register(app: faust.App, rt: PipelineRuntime) -> None:
     name = rt.name
-    raw = app.topic(rt.topics["raw"], key_type=bytes, value_type=bytes, value_serializer="raw",
-                    key_serializer="raw")
+    raw = app.topic(
+        rt.topics["raw"],
+        key_type=bytes,
+        value_type=bytes,
+        value_serializer="raw",
+        key_serializer="raw",
+    )
     dlq = app.topic(rt.topics["dlq"], value_serializer="raw", key_serializer="raw")
     features = app.topic(rt.topics["features"], value_serializer="raw", key_serializer="raw")
     entities = app.Table(table_name(name, "windows"), default=dict, partitions=rt.partitions)
@@ -37,20 +40,29 @@ def register(app: faust.App, rt: PipelineRuntime) -> None:
         async for event in stream.events():
             message = event.message
             source = Source(
-                message.topic, message.partition, message.offset,
-                int((message.timestamp or time.time()) * 1000), message.key,
+                message.topic,
+                message.partition,
+                message.offset,
+                int((message.timestamp or time.time()) * 1000),
+                message.key,
             )
             result = validate(rt.spec, message.value or b"", source)
             if isinstance(result, DeadLetter):
                 rt.counters["dead_letters"] += 1
                 rt.counters[f"dead_letters.{result.error_class}"] += 1
-                await dlq.send(key=message.key, value=result.to_json(name),
-                               partition=message.partition, headers=message.headers)
+                await dlq.send(
+                    key=message.key,
+                    value=result.to_json(name),
+                    partition=message.partition,
+                    headers=message.headers,
+                )
                 continue
             partition = message.partition
             state = rt.feature_state(partition, stats.get(str(partition)))
             entity_key = result.entity_key or result.event_id
-            window_state: dict[str, Any] = dict(entities[entity_key]) if rt.featurizer.needs_entity_state else {}
+            window_state: dict[str, Any] = (
+                dict(entities[entity_key]) if rt.featurizer.needs_entity_state else {}
+            )
             vector = rt.featurizer.transform(result, state, window_state)
             if rt.featurizer.needs_entity_state:
                 entities[entity_key] = window_state
@@ -58,13 +70,15 @@ def register(app: faust.App, rt: PipelineRuntime) -> None:
             await features.send(
                 key=message.key if message.key is not None else result.event_id.encode(),
                 partition=partition,  # co-partitioned by construction, whatever the key
-                value=dumps({
-                    "event_id": result.event_id,
-                    "ts_ms": result.ts_ms,
-                    "entity_key": result.entity_key,
-                    "ingest_ms": source.timestamp_ms,
-                    "features": vector,
-                }),
+                value=dumps(
+                    {
+                        "event_id": result.event_id,
+                        "ts_ms": result.ts_ms,
+                        "entity_key": result.entity_key,
+                        "ingest_ms": source.timestamp_ms,
+                        "features": vector,
+                    }
+                ),
                 headers=message.headers,
             )
             if rt.counters["featurized"] % STATS_SNAPSHOT_EVERY == 0:

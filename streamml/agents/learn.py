@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from faust.types import TableT
 
 from streamml.agents.runtime import PipelineRuntime
 from streamml.streams.topics import dumps, loads, table_name
@@ -25,8 +26,8 @@ LearnHook = Callable[[int, str, Any, dict[str, Any]], Awaitable[None]]
 
 
 def register(
-    app: faust.App, rt: PipelineRuntime, joins: faust.Table, models: faust.Table
-) -> tuple[faust.Table, LearnHook]:
+    app: faust.App, rt: PipelineRuntime, joins: TableT[str, Any], models: TableT[str, Any]
+) -> tuple[TableT[str, Any], LearnHook]:
     """Register the learn agent; return the early-label table and the learn step for score."""
     name = rt.name
     labels = app.topic(rt.topics["labels"], value_serializer="raw", key_serializer="raw")
@@ -35,6 +36,8 @@ def register(
     label_field = rt.spec.label.field
     ttl_ms = rt.spec.label.ttl_s * 1000
     every = rt.spec.online_model.snapshot_every
+    interval_s = rt.spec.online_model.snapshot_interval_s
+    snapshot_at: dict[int, float] = {}
     minute: dict[int, tuple[int, Any]] = {}  # partition -> (window start, per-minute metrics)
 
     async def learn_one(partition: int, event_id: str, label: Any, stored: dict[str, Any]) -> None:
@@ -53,24 +56,35 @@ def register(
             window_start, window_metrics = start, new_metrics(rt.spec)
             minute[partition] = (window_start, window_metrics)
         _update(window_metrics, learner, before, label)
-        if learner.learned % every == 0:
+        last = snapshot_at.get(partition, 0.0)
+        if learner.learned % every == 0 or time.monotonic() - last >= interval_s:
             models[str(partition)] = base64.b64encode(learner.snapshot()).decode()
+            snapshot_at[partition] = time.monotonic()
         n = int(window_metrics.get("n", 0))
         window_metrics["n"] = n + 1
         if (n + 1) % 50 == 0:
             await emit_metrics(partition, learner.version, window_start, window_metrics)
 
-    async def emit_metrics(partition: int, version: str, start: int, window: dict[str, Any]) -> None:
+    async def emit_metrics(
+        partition: int, version: str, start: int, window: dict[str, Any]
+    ) -> None:
         for metric_name, metric in window.items():
             if metric_name == "n":
                 continue
             await metrics_topic.send(
                 key=f"{name}:{partition}".encode(),
-                value=dumps({
-                    "pipeline": name, "model_version": version, "role": "champion",
-                    "metric": metric_name, "window_start_ms": start, "partition": partition,
-                    "value": _finite(metric.get()), "n": window["n"],
-                }),
+                value=dumps(
+                    {
+                        "pipeline": name,
+                        "model_version": version,
+                        "role": "champion",
+                        "metric": metric_name,
+                        "window_start_ms": start,
+                        "partition": partition,
+                        "value": _finite(metric.get()),
+                        "n": window["n"],
+                    }
+                ),
             )
 
     @app.agent(labels, name=f"{name}.learn")
@@ -87,7 +101,8 @@ def register(
                 rt.counters["labels_malformed"] += 1
                 continue
             key = event_id
-            stored = joins[key] if key in joins else None
+            # not .get(): a faust table's get() returns the default, not None
+            stored = joins[key] if key in joins else None  # noqa: SIM401
             if stored is None:  # the score step learns it when the features arrive
                 early[key] = {"label": label, "stored_ms": int(time.time() * 1000)}
                 rt.counters["labels_early"] += 1
@@ -95,7 +110,7 @@ def register(
             del joins[key]
             await learn_one(message.partition, event_id, label, stored)
 
-    @app.timer(interval=5.0, name=f"{name}.metrics")
+    @app.timer(interval=5.0, name=f"{name}.metrics")  # type: ignore[untyped-decorator]
     async def flush_metrics() -> None:
         """The open minute's metrics, so dashboards do not wait for the minute to end."""
         for partition, (start, window) in list(minute.items()):
@@ -103,7 +118,9 @@ def register(
             if window is not None and window.get("n") and learner is not None:
                 await emit_metrics(partition, learner.version, start, window)
 
-    @app.timer(interval=max(1.0, rt.spec.label.ttl_s / 10), name=f"{name}.expire")
+    @app.timer(  # type: ignore[untyped-decorator]
+        interval=max(1.0, rt.spec.label.ttl_s / 10), name=f"{name}.expire"
+    )
     async def expire() -> None:
         now_ms = time.time() * 1000
         for table, counter in ((joins, "features_expired"), (early, "labels_expired")):
@@ -126,7 +143,10 @@ def _update(window: dict[str, Any], learner: Any, before: Any, label: Any) -> No
         if not learner.classification:
             metric.update(target, before.score)
         elif metric_name == "roc_auc":
-            metric.update(_is_positive(target, learner.positive), {True: before.score, False: 1 - before.score})
+            metric.update(
+                _is_positive(target, learner.positive),
+                {True: before.score, False: 1 - before.score},
+            )
         elif before.predicted_class:
             metric.update(target, _like(before.predicted_class, target))
 

@@ -10,19 +10,19 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TableT
 
 from streamml.agents.learn import LearnHook
 from streamml.agents.runtime import PipelineRuntime
 from streamml.streams.topics import dumps, loads
 
 
-
 def register(
     app: faust.App,
     rt: PipelineRuntime,
-    joins: faust.Table,
-    models: faust.Table,
-    early: faust.Table,
+    joins: TableT[str, Any],
+    models: TableT[str, Any],
+    early: TableT[str, Any],
     learn_one: LearnHook,
 ) -> None:
     name = rt.name
@@ -47,7 +47,8 @@ def register(
                 "stored_ms": int(time.time() * 1000),
             }
             key = record["event_id"]
-            waiting = early[key] if key in early else None
+            # not .get(): a faust table's get() returns the default, not None
+            waiting = early[key] if key in early else None  # noqa: SIM401
             if waiting is not None:  # its label came first: learn now
                 del early[key]
                 rt.counters["labels_early_matched"] += 1
@@ -58,21 +59,23 @@ def register(
             await predictions.send(
                 key=message.key,
                 partition=partition,
-                value=dumps({
-                    "pipeline": name,
-                    "event_id": record["event_id"],
-                    "entity_key": record["entity_key"],
-                    "ts_ms": record["ts_ms"],
-                    "ingest_ms": record.get("ingest_ms"),
-                    "model_name": rt.spec.online_model.kind,
-                    "model_version": learner.version,
-                    "role": "champion",
-                    "served": True,
-                    "score": prediction.score,
-                    "predicted_class": prediction.predicted_class,
-                    "probabilities": prediction.probabilities,
-                    "latency_ms": latency_ms,
-                    "emitted_ms": int(time.time() * 1000),
-                }),
+                value=dumps(
+                    {
+                        "pipeline": name,
+                        "event_id": record["event_id"],
+                        "entity_key": record["entity_key"],
+                        "ts_ms": record["ts_ms"],
+                        "ingest_ms": record.get("ingest_ms"),
+                        "model_name": rt.spec.online_model.kind,
+                        "model_version": learner.version,
+                        "role": "champion",
+                        "served": True,
+                        "score": prediction.score,
+                        "predicted_class": prediction.predicted_class,
+                        "probabilities": prediction.probabilities,
+                        "latency_ms": latency_ms,
+                        "emitted_ms": int(time.time() * 1000),
+                    }
+                ),
                 headers=message.headers,
             )

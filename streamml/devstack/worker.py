@@ -20,9 +20,12 @@ from streamml.errors import DevStackError
 class WorkerProcess:
     """``python -m streamml worker`` with its log in a file; /health, /stats and /query."""
 
-    def __init__(self, settings: Settings, pipelines: list[str], log_file: Path) -> None:
+    def __init__(
+        self, settings: Settings, pipelines: list[str], log_file: Path, sink: bool = True
+    ) -> None:
         self.settings = settings
         self.pipelines = pipelines
+        self.sink = sink
         self.log_file = log_file
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://{settings.web_host}:{settings.web_port}"
@@ -31,12 +34,18 @@ class WorkerProcess:
         args = [sys.executable, "-m", "streamml", "worker"]
         for name in self.pipelines:
             args += ["--pipeline", name]
+        if not self.sink:
+            args.append("--no-sink")
         env = dict(os.environ)
         env.update(settings_env(self.settings))
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
@@ -52,7 +61,9 @@ class WorkerProcess:
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        raise DevStackError(f"the worker did not become ready in {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise DevStackError(
+            f"the worker did not become ready in {timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def get(self, path: str) -> dict[str, Any]:
         with urllib.request.urlopen(self.base + path, timeout=10) as response:
@@ -61,7 +72,9 @@ class WorkerProcess:
 
     def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         request = urllib.request.Request(
-            self.base + "/query", data=json.dumps({"sql": sql}).encode(), method="POST",
+            self.base + "/query",
+            data=json.dumps({"sql": sql}).encode(),
+            method="POST",
             headers={"content-type": "application/json"},
         )
         try:

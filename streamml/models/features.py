@@ -29,6 +29,9 @@ from streamml.schemas.spec import (
 )
 
 OTHER = "__other__"
+EXPANSION_SUFFIXES = frozenset(
+    {"count", "sum", "mean", "std", "min", "max", "hour_sin", "hour_cos", "dow_sin", "dow_cos"}
+)
 Vector = dict[str, float]
 
 
@@ -54,7 +57,7 @@ class GlobalState:
         counts[category] = counts.get(category, 0) + 1
         total = self.data.get(name + "#total", 0) + 1
         self.data[name + "#total"] = total
-        return counts[category] / total
+        return float(counts[category] / total)
 
     def onehot(self, name: str, category: str, cap: int) -> str:
         vocab: list[str] = self.data.setdefault(name, [])
@@ -99,7 +102,9 @@ def window_update(
     step_ms = int((spec.step_s if spec.type == "hopping" and spec.step_s else spec.size_s) * 1000)
     size_ms = int(spec.size_s * 1000)
     bucket = ts_ms - ts_ms % step_ms
-    buckets: list[list[float]] = state.setdefault(feature.name, [])  # [start, n, sum, sumsq, lo, hi]
+    buckets: list[list[float]] = state.setdefault(
+        feature.name, []
+    )  # [start, n, sum, sumsq, lo, hi]
     if buckets and buckets[-1][0] == bucket:
         buckets[-1][1:] = _merge(buckets[-1][1:], x)
     elif not buckets or bucket > buckets[-1][0]:
@@ -115,7 +120,13 @@ def window_update(
         if total[0] == 0:
             total = list(b[1:])
         else:
-            total = [total[0] + b[1], total[1] + b[2], total[2] + b[3], min(total[3], b[4]), max(total[4], b[5])]
+            total = [
+                total[0] + b[1],
+                total[1] + b[2],
+                total[2] + b[3],
+                min(total[3], b[4]),
+                max(total[4], b[5]),
+            ]
     return {f"{feature.name}_{k}": v for k, v in _aggregate(total, feature.aggs).items()}
 
 
@@ -209,12 +220,16 @@ class Featurizer:
         """Feature selection: keep ``select`` (names or their expansions), drop ``exclude``."""
 
         def matches(key: str, names: set[str]) -> bool:
-            # a name also selects its expansions: name=cat, name#bucket, name_agg
-            return key in names or any(key.startswith(n) and key[len(n)] in "=#_" for n in names)
+            # a name also selects its expansions: name=cat, name#bucket, name_<agg>
+            for n in names:
+                if key == n or key.startswith((n + "=", n + "#")):
+                    return True
+                if key.startswith(n + "_") and key[len(n) + 1 :] in EXPANSION_SUFFIXES:
+                    return True
+            return False
 
         return {
             k: v
             for k, v in vector.items()
-            if (self._select is None or matches(k, self._select))
-            and not matches(k, self._exclude)
+            if (self._select is None or matches(k, self._select)) and not matches(k, self._exclude)
         }

@@ -49,6 +49,7 @@ class OnlineLearner:
         self.metrics = new_metrics(spec)
         self.classification = spec.task == "classification"
         self.positive = spec.label.positive
+        self.positive_key = str(_pos_label(spec.label.positive))
 
     @property
     def version(self) -> str:
@@ -63,8 +64,7 @@ class OnlineLearner:
         if not proba:
             return Prediction(0.0, "", {})
         best = max(proba, key=lambda k: proba[k])
-        positive = self.positive if self.positive is not None else "True"
-        return Prediction(proba.get(positive, 0.0), best, proba)
+        return Prediction(proba.get(self.positive_key, 0.0), best, proba)
 
     def learn(self, x: dict[str, float], y: Any) -> Prediction:
         """Prequential step: predict ``x``, score it against ``y``, then learn from it."""
@@ -74,7 +74,10 @@ class OnlineLearner:
             predicted = _like(before.predicted_class, target) if before.predicted_class else None
             for name, metric in self.metrics.items():
                 if name == "roc_auc":
-                    metric.update(_is_positive(target, self.positive), {True: before.score, False: 1 - before.score})
+                    metric.update(
+                        _is_positive(target, self.positive),
+                        {True: before.score, False: 1 - before.score},
+                    )
                 elif predicted is not None:
                     metric.update(target, predicted)
         else:
@@ -116,9 +119,10 @@ def new_metrics(spec: PipelineSpec) -> dict[str, Any]:
 
 
 def _pos_label(positive: str | None) -> Any:
-    if positive is None or positive.lower() == "true":
+    """The positive class as labels are coerced: "true"/"1" -> True, "false"/"0" -> False."""
+    if positive is None or positive.lower() in ("true", "1"):
         return True
-    if positive.lower() == "false":
+    if positive.lower() in ("false", "0"):
         return False
     return positive
 
@@ -129,6 +133,8 @@ def coerce_label(y: Any, classification: bool) -> Any:
         return float(y)
     if isinstance(y, bool | str):
         return y
+    if isinstance(y, int | float) and y in (0, 1):
+        return bool(y)  # binary 0/1 labels are booleans, as river's binary models predict
     if isinstance(y, float) and y.is_integer():
         return int(y)
     return y

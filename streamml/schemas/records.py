@@ -66,6 +66,10 @@ class DeadLetter:
         )
 
 
+_INT_LIMIT = 2**63
+_MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
 class _Reject(Exception):
     def __init__(self, error_class: str, reason: str) -> None:
         super().__init__(reason)
@@ -84,7 +88,9 @@ def validate(spec: PipelineSpec, payload: bytes, source: Source) -> Record | Dea
 def _validate(spec: PipelineSpec, payload: bytes, source: Source) -> Record:
     schema = spec.schema_
     if len(payload) > schema.max_record_bytes:
-        raise _Reject("oversize", f"{len(payload)} bytes > max_record_bytes {schema.max_record_bytes}")
+        raise _Reject(
+            "oversize", f"{len(payload)} bytes > max_record_bytes {schema.max_record_bytes}"
+        )
     data = _parse(payload)
     if not isinstance(data, dict):
         raise _Reject("not_an_object", f"expected a JSON object, got {type(data).__name__}")
@@ -120,6 +126,8 @@ def _parse(payload: bytes) -> Any:
         return json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _Reject("malformed_json", f"not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise _Reject("malformed_json", "JSON nested too deeply") from None
 
 
 def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
@@ -130,7 +138,9 @@ def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
     kind = fspec.type
     if kind in ("float", "int"):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _Reject("wrong_type", f"field {name!r} must be a number, got {type(value).__name__}")
+            raise _Reject(
+                "wrong_type", f"field {name!r} must be a number, got {type(value).__name__}"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             if not fspec.allow_nan:
                 raise _Reject("not_finite", f"field {name!r} is {value}")
@@ -139,8 +149,13 @@ def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise _Reject("wrong_type", f"field {name!r} must be an integer, got {value}")
             value = int(value)
+            if abs(value) >= _INT_LIMIT:
+                raise _Reject("out_of_range", f"field {name!r} does not fit in 64 bits")
         else:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise _Reject("out_of_range", f"field {name!r} is too large") from None
         if fspec.min is not None and value < fspec.min:
             raise _Reject("out_of_range", f"field {name!r} = {value} is below min {fspec.min}")
         if fspec.max is not None and value > fspec.max:
@@ -166,18 +181,29 @@ def _timestamp_ms(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise _Reject("bad_timestamp", f"field {name!r} must be a time, got a boolean")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise _Reject("bad_timestamp", f"field {name!r} is {value}")
-        return int(value if abs(value) >= 1e11 else value * 1000)
+        try:
+            ms = int(value if abs(value) >= 1e11 else value * 1000)
+        except (OverflowError, ValueError):
+            raise _Reject("bad_timestamp", f"field {name!r} is {value}") from None
+        return _in_range(name, ms)
     if isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise _Reject("bad_timestamp", f"field {name!r} = {value[:40]!r} is not ISO 8601") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=dt.UTC)
-        return int(parsed.timestamp() * 1000)
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            ms = int(parsed.timestamp() * 1000)
+        except (ValueError, OverflowError):
+            raise _Reject(
+                "bad_timestamp", f"field {name!r} = {value[:40]!r} is not ISO 8601"
+            ) from None
+        return _in_range(name, ms)
     raise _Reject("bad_timestamp", f"field {name!r} must be a time, got {type(value).__name__}")
+
+
+def _in_range(name: str, ms: int) -> int:
+    if not 0 <= ms <= _MAX_TS_MS:
+        raise _Reject("bad_timestamp", f"field {name!r} is outside 1970..9999")
+    return ms
 
 
 def json_schema(spec: PipelineSpec) -> dict[str, Any]:
@@ -206,7 +232,8 @@ def json_schema(spec: PipelineSpec) -> dict[str, Any]:
             required.append(name)
     props.setdefault(spec.schema_.event_id, {"type": ["string", "integer"]})
     props.setdefault(
-        spec.schema_.timestamp, {"type": ["string", "number"], "description": "ISO 8601 or epoch s/ms"}
+        spec.schema_.timestamp,
+        {"type": ["string", "number"], "description": "ISO 8601 or epoch s/ms"},
     )
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -135,6 +136,15 @@ class LastNFeature(_Strict):
     aggs: list[Agg] = Field(min_length=1)
 
 
+FEATURE_CLASSES = (
+    NumericFeature,
+    CategoricalFeature,
+    TimeFeature,
+    ConstructedFeature,
+    WindowFeature,
+    LastNFeature,
+)
+
 FeatureSpec = Annotated[
     NumericFeature
     | CategoricalFeature
@@ -157,7 +167,9 @@ class OnlineModelSpec(_Strict):
     ]
     scale: bool = True
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    # Snapshot the model to its changelog every N labels or T seconds, whichever is first.
     snapshot_every: int = Field(default=500, ge=1)
+    snapshot_interval_s: float = Field(default=5.0, gt=0)
 
 
 class TopicsSpec(_Strict):
@@ -201,9 +213,7 @@ class PipelineSpec(_Strict):
             raise ValueError(f"feature names must be unique: {sorted(dupes)}")
         windowed = [f for f in self.features if isinstance(f, WindowFeature | LastNFeature)]
         if windowed and self.schema_.entity_key is None:
-            raise ValueError(
-                f"{windowed[0].name}: per-entity aggregates need schema.entity_key"
-            )
+            raise ValueError(f"{windowed[0].name}: per-entity aggregates need schema.entity_key")
         model = self.online_model.kind
         regression = model in {"linear_regression", "hoeffding_tree_regressor"}
         if regression != (self.task == "regression"):
@@ -235,13 +245,21 @@ def _fields_used(feature: Any, timestamp: str) -> list[str]:
 def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
     """Validate spec data; a problem becomes a SpecError naming the key and the fix."""
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: a pipeline spec is a mapping of keys, got {type(data).__name__}")
+        raise SpecError(
+            f"{source}: a pipeline spec is a mapping of keys, got {type(data).__name__}"
+        )
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
         problems = []
+        kinds = {
+            k for f in FEATURE_CLASSES for k in typing.get_args(f.model_fields["kind"].annotation)
+        }
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+            parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+            if len(parts) > 2 and parts[0] == "features" and parts[2] in kinds:
+                del parts[2]  # the discriminator pydantic adds is not a key of the file
+            loc = ".".join(parts)
             loc = loc.replace("schema_", "schema")
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

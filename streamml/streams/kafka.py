@@ -232,7 +232,9 @@ async def ensure_pipeline_topics(settings: Settings, specs: Iterable[Any]) -> li
         partitions = spec.topics.partitions or settings.topic_partitions
         created += await ensure_topics(settings, pipeline_topics(spec).values(), partitions)
         created += await ensure_topics(
-            settings, changelog_topics(settings.app_id, spec), partitions,
+            settings,
+            changelog_topics(settings.app_id, spec),
+            partitions,
             config={"cleanup.policy": "compact"},
         )
     created += await ensure_topics(settings, [CONTROL_TOPIC], partitions=1)

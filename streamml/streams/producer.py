@@ -43,8 +43,11 @@ async def produce_examples(
     """Send records (and their labels); return how many records were sent."""
     topics = pipeline_topics(spec)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5,
-        request_timeout_ms=int(settings.request_timeout_s * 1000), enable_idempotence=True,
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        request_timeout_ms=int(settings.request_timeout_s * 1000),
+        enable_idempotence=True,
         max_batch_size=262_144,
     )
     bootstrap = settings.bootstrap_servers
@@ -56,8 +59,13 @@ async def produce_examples(
 
     async def send_label(example: Example) -> None:
         assert isinstance(example.record, dict)
-        value = {"event_id": example.record.get(spec.schema_.event_id), spec.label.field: example.label}
-        futures.append(await producer.send(topics["labels"], dumps(value), key=example.key.encode()))
+        value = {
+            "event_id": example.record.get(spec.schema_.event_id),
+            spec.label.field: example.label,
+        }
+        futures.append(
+            await producer.send(topics["labels"], dumps(value), key=example.key.encode())
+        )
 
     try:
         for example in examples:
@@ -69,7 +77,12 @@ async def produce_examples(
                 while len(pending) > label_delay:
                     await send_label(pending.popleft())
             if len(futures) >= 2000:
-                await _bounded("acknowledge records", bootstrap, asyncio.gather(*futures), settings.request_timeout_s)
+                await _bounded(
+                    "acknowledge records",
+                    bootstrap,
+                    asyncio.gather(*futures),
+                    settings.request_timeout_s,
+                )
                 futures.clear()
                 progress(sent)
             if rate:
@@ -78,7 +91,9 @@ async def produce_examples(
                     await asyncio.sleep(ahead)
         while pending:
             await send_label(pending.popleft())
-        await _bounded("acknowledge records", bootstrap, asyncio.gather(*futures), settings.request_timeout_s)
+        await _bounded(
+            "acknowledge records", bootstrap, asyncio.gather(*futures), settings.request_timeout_s
+        )
         progress(sent)
     finally:
         await _close(producer.stop(), settings.request_timeout_s)

@@ -28,16 +28,42 @@ from streamml.streams.warehouse import Warehouse
 log = logging.getLogger("streamml.sink")
 
 PREDICTION_COLUMNS = [
-    "pipeline", "event_id", "entity_key", "ts", "model_name", "model_version", "role",
-    "served", "score", "predicted_class", "probabilities", "latency_ms", "e2e_latency_ms",
+    "pipeline",
+    "event_id",
+    "entity_key",
+    "ts",
+    "model_name",
+    "model_version",
+    "role",
+    "served",
+    "score",
+    "predicted_class",
+    "probabilities",
+    "latency_ms",
+    "e2e_latency_ms",
     "trace_id",
 ]
 LABEL_COLUMNS = ["pipeline", "event_id", "entity_key", "ts", "label", "label_value"]
 METRIC_COLUMNS = [
-    "pipeline", "model_version", "role", "metric", "window_start", "source_partition", "value", "n",
+    "pipeline",
+    "model_version",
+    "role",
+    "metric",
+    "window_start",
+    "source_partition",
+    "value",
+    "n",
 ]
 DLQ_COLUMNS = [
-    "pipeline", "topic", "partition", "offset", "ts", "error_class", "reason", "payload", "key",
+    "pipeline",
+    "topic",
+    "partition",
+    "offset",
+    "ts",
+    "error_class",
+    "reason",
+    "payload",
+    "key",
 ]
 COLUMNS = {
     "predictions": PREDICTION_COLUMNS,
@@ -61,9 +87,16 @@ def _label_value(label: Any) -> float:
 
 def prediction_row(v: dict[str, Any]) -> tuple[Any, ...]:
     return (
-        v["pipeline"], v["event_id"], v.get("entity_key", ""), _ts(v["ts_ms"]),
-        v["model_name"], v["model_version"], v["role"], 1 if v.get("served", True) else 0,
-        float(v["score"]), str(v.get("predicted_class", "")),
+        v["pipeline"],
+        v["event_id"],
+        v.get("entity_key", ""),
+        _ts(v["ts_ms"]),
+        v["model_name"],
+        v["model_version"],
+        v["role"],
+        1 if v.get("served", True) else 0,
+        float(v["score"]),
+        str(v.get("predicted_class", "")),
         {str(k): float(p) for k, p in (v.get("probabilities") or {}).items()},
         float(v.get("latency_ms", 0.0)),
         float(v["emitted_ms"] - v["ingest_ms"]) if v.get("ingest_ms") else 0.0,
@@ -76,24 +109,47 @@ def label_row(
 ) -> tuple[Any, ...]:
     label = v[label_field] if label_field in v else v["label"]
     return (
-        pipeline, str(v["event_id"]), str(v.get("entity_key", "")),
-        _ts(v.get("ts_ms") or fallback_ms), str(label), _label_value(label),
+        pipeline,
+        str(v["event_id"]),
+        str(v.get("entity_key", "")),
+        _ts(v.get("ts_ms") or fallback_ms),
+        str(label),
+        _label_value(label),
     )
 
 
 def metric_row(v: dict[str, Any]) -> tuple[Any, ...]:
     return (
-        v["pipeline"], v["model_version"], v["role"], v["metric"],
-        _ts(v["window_start_ms"]).replace(microsecond=0), int(v.get("partition", 0)),
-        float(v["value"]), int(v["n"]),
+        v["pipeline"],
+        v["model_version"],
+        v["role"],
+        v["metric"],
+        _ts(v["window_start_ms"]).replace(microsecond=0),
+        int(v.get("partition", 0)),
+        float(v["value"]),
+        int(v["n"]),
     )
 
 
 def dlq_row(v: dict[str, Any]) -> tuple[Any, ...]:
     return (
-        v["pipeline"], v["topic"], int(v["partition"]), int(v["offset"]), _ts(v["ts_ms"]),
-        v["error_class"], v["reason"], v["payload"], v.get("key", ""),
+        v["pipeline"],
+        v["topic"],
+        int(v["partition"]),
+        int(v["offset"]),
+        _ts(v["ts_ms"]),
+        v["error_class"],
+        v["reason"],
+        v["payload"],
+        v.get("key", ""),
     )
+
+
+def _label_parser(pipeline: str, label_field: str) -> Callable[[ConsumerRecord], tuple[Any, ...]]:
+    def parse(record: ConsumerRecord) -> tuple[Any, ...]:
+        return label_row(pipeline, label_field, loads(record.value), record.timestamp)
+
+    return parse
 
 
 @dataclass
@@ -124,11 +180,11 @@ class WarehouseSink:
         for spec in specs:
             topics = pipeline_topics(spec)
             name = spec.name
-            self._routes[topics["predictions"]] = ("predictions", lambda r: prediction_row(loads(r.value)))
-            self._routes[topics["labels"]] = (
-                "labels",
-                lambda r, n=name, f=spec.label.field: label_row(n, f, loads(r.value), r.timestamp),
+            self._routes[topics["predictions"]] = (
+                "predictions",
+                lambda r: prediction_row(loads(r.value)),
             )
+            self._routes[topics["labels"]] = ("labels", _label_parser(name, spec.label.field))
             self._routes[topics["metrics"]] = ("metrics", lambda r: metric_row(loads(r.value)))
             self._routes[topics["dlq"]] = ("dead_letters", lambda r: dlq_row(loads(r.value)))
         self._stopping = asyncio.Event()
@@ -156,7 +212,9 @@ class WarehouseSink:
         try:
             while not self._stopping.is_set():
                 left_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                batch = await consumer.getmany(timeout_ms=min(left_ms, 200), max_records=self.max_rows)
+                batch = await consumer.getmany(
+                    timeout_ms=min(left_ms, 200), max_records=self.max_rows
+                )
                 for tp, records in batch.items():
                     for record in records:
                         table, to_row = self._routes[record.topic]
@@ -164,7 +222,13 @@ class WarehouseSink:
                             buffers[table].append(to_row(record))
                         except (ValueError, KeyError, TypeError) as exc:
                             self.stats.bad_messages += 1
-                            log.warning("skipping malformed %s record at %s@%d: %s", table, tp, record.offset, exc)
+                            log.warning(
+                                "skipping malformed %s record at %s@%d: %s",
+                                table,
+                                tp,
+                                record.offset,
+                                exc,
+                            )
                         offsets[tp] = record.offset + 1
                 pending = sum(len(b) for b in buffers.values())
                 if offsets and (pending >= self.max_rows or time.monotonic() >= deadline):

@@ -103,13 +103,3 @@ def test_broker_that_never_answers_shows_the_log_tail(tmp_path: Path) -> None:
     finally:
         broker.down()
     assert java_processes_under(tmp_path) == []
-
-
-def test_demo_runs_the_smoke_flow_and_leaves_nothing_running(tmp_path: Path) -> None:
-    env = settings_env(isolated_settings(tmp_path))
-    result = run_cli("demo", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for step in ("broker", "topic", "round trip", "warehouse"):
-        assert step in result.stdout
-    assert "nothing left running" in result.stdout
-    assert java_processes_under(tmp_path) == []

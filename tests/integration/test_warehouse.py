@@ -34,7 +34,22 @@ PRED_COLUMNS = [
 
 def _prediction(event_id: str, score: float) -> tuple[object, ...]:
     ts = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-    return ("p", event_id, "e1", ts, "m", "v1", "champion", 1, score, "1", {"1": score}, 0.4, 9.0, "")
+    return (
+        "p",
+        event_id,
+        "e1",
+        ts,
+        "m",
+        "v1",
+        "champion",
+        1,
+        score,
+        "1",
+        {"1": score},
+        0.4,
+        9.0,
+        "",
+    )
 
 
 def test_migrations_create_the_core_tables_once(

@@ -1,0 +1,186 @@
+"""The streaming pipeline end to end on the real broker and chDB: counted, not sampled."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from river import compose, linear_model, metrics, preprocessing
+
+from streamml.config import Settings
+from streamml.devstack.worker import WorkerProcess
+from streamml.models.synthetic import payments, phishing
+from streamml.schemas.catalog import load_pipelines
+from streamml.streams.kafka import ensure_pipeline_topics
+from streamml.streams.producer import produce_examples
+from streamml.testing import free_port
+
+from .helpers import java_processes_under, run_cli, settings_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pipeline_dir(tmp: Path, source: str, name: str) -> Path:
+    """A copy of a shipped spec under a new name, so its topics are this test's own."""
+    spec = yaml.safe_load((ROOT / "pipelines" / f"{source}.yaml").read_text())
+    spec["name"] = name
+    folder = tmp / "pipelines"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def _worker_settings(stack: Settings, tmp: Path, pipelines: Path, app_id: str) -> Settings:
+    return stack.model_copy(
+        update={
+            "state_dir": tmp / f"state-{app_id}",
+            "web_port": free_port(),
+            "app_id": app_id,
+            "pipelines_dir": pipelines,
+            "kafka_bootstrap": stack.bootstrap_servers,
+        }
+    )
+
+
+def _wait_for(worker: WorkerProcess, sql: str, want: int, timeout_s: float = 180) -> int:
+    deadline = time.monotonic() + timeout_s
+    got = -1
+    while time.monotonic() < deadline:
+        got = int(worker.query(sql)[1][0][0])
+        if got >= want:
+            return got
+        time.sleep(1)
+    raise AssertionError(f"{sql!r} reached {got}, wanted {want}\n{worker.log_tail()}")
+
+
+def _account(worker: WorkerProcess, name: str, good: int, bad: int) -> None:
+    """Every produced event is exactly one prediction row (after dedupe) or one dead letter."""
+    preds = f"SELECT uniqExact(event_id) FROM predictions WHERE pipeline = '{name}'"
+    dead = f"SELECT count() FROM dead_letters FINAL WHERE pipeline = '{name}'"
+    assert _wait_for(worker, preds, good) == good
+    assert _wait_for(worker, dead, bad) == bad
+    time.sleep(2)  # nothing more may arrive
+    assert int(worker.query(preds)[1][0][0]) == good
+    assert int(worker.query(dead)[1][0][0]) == bad
+    final = f"SELECT count() FROM predictions FINAL WHERE pipeline = '{name}'"
+    assert int(worker.query(final)[1][0][0]) == good  # duplicates collapse
+
+
+def test_demo_command_accounts_for_every_event(tmp_path: Path) -> None:
+    from streamml.testing import isolated_settings
+
+    env = settings_env(isolated_settings(tmp_path))
+    result = run_cli("demo", "--events", "2000", env=env, timeout=400)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    match = re.search(r"2000 events -> (\d+) prediction rows \+ (\d+) dead letters", out)
+    assert match, out[-3000:]
+    assert (int(match.group(1)), int(match.group(2))) == (1992, 8)
+    assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
+    assert "nothing left running" in out
+    assert java_processes_under(tmp_path) == []
+
+
+def test_two_workers_split_partitions_and_lose_nothing(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    name = "twoworkers"
+    pipelines = _pipeline_dir(tmp_path, "demo", name)
+    first = _worker_settings(stack_settings, tmp_path, pipelines, "grp2")
+    second = first.model_copy(update={"web_port": free_port(), "state_dir": tmp_path / "w2"})
+    [spec] = load_pipelines(pipelines, [name])
+    asyncio.run(ensure_pipeline_topics(first, [spec]))
+    a = WorkerProcess(first, [name], tmp_path / "a.log")
+    b = WorkerProcess(second, [name], tmp_path / "b.log", sink=False)  # one chDB owner
+    a.start()
+    b.start()
+    try:
+        n, bad_every = 3000, 250
+        asyncio.run(
+            produce_examples(first, spec, payments(n, seed=3, bad_every=bad_every), label_delay=100)
+        )
+        bad = n // bad_every
+        _account(a, name, n - bad, bad)
+        assigned = [w.get("/health")["assigned_partitions"] for w in (a, b)]
+        assert all(x > 0 for x in assigned), assigned
+        scored = [w.get("/stats")["pipelines"][name]["counters"].get("scored", 0) for w in (a, b)]
+        assert all(x > 0 for x in scored) and sum(scored) >= n - bad, scored
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_sigkilled_worker_resumes_and_loses_nothing(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    name = "crashy"
+    pipelines = _pipeline_dir(tmp_path, "demo", name)
+    settings = _worker_settings(stack_settings, tmp_path, pipelines, "grpkill")
+    [spec] = load_pipelines(pipelines, [name])
+    asyncio.run(ensure_pipeline_topics(settings, [spec]))
+    worker = WorkerProcess(settings, [name], tmp_path / "worker.log")
+    worker.start()
+    n, bad_every = 4000, 200
+    try:
+        asyncio.run(
+            produce_examples(
+                settings, spec, payments(n // 2, seed=5, bad_every=bad_every), label_delay=50
+            )
+        )
+        deadline = time.monotonic() + 90
+        learned = 0
+        while time.monotonic() < deadline and learned < n // 2 - n // bad_every // 2 - 50:
+            prequential = worker.get("/stats")["pipelines"][name]["prequential"]
+            learned = sum(p["learned"] for p in prequential.values())
+            time.sleep(0.5)
+        assert learned > 0
+        time.sleep(6)  # past the spec's snapshot interval
+        worker.kill()  # SIGKILL mid-stream: nothing is flushed or committed on the way out
+        worker.start()
+        rest = payments(n, seed=5, bad_every=bad_every)
+        tail = [e for i, e in enumerate(rest) if i >= n // 2]
+        asyncio.run(produce_examples(settings, spec, tail, label_delay=50))
+        bad = n // bad_every
+        _account(worker, name, n - bad, bad)
+        counters = worker.get("/stats")["pipelines"][name]["counters"]
+        assert counters.get("model_restored", 0) > 0, counters  # online models resumed
+    finally:
+        worker.stop()
+
+
+def test_phishing_prequential_accuracy_equals_river(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    name = "phish"
+    pipelines = _pipeline_dir(tmp_path, "phishing", name)
+    settings = _worker_settings(stack_settings, tmp_path, pipelines, "grpphish")
+    [spec] = load_pipelines(pipelines, [name])
+    asyncio.run(ensure_pipeline_topics(settings, [spec]))
+    worker = WorkerProcess(settings, [name], tmp_path / "worker.log")
+    worker.start()
+    try:
+        examples = list(phishing())
+        asyncio.run(produce_examples(settings, spec, examples, label_delay=20))
+        deadline = time.monotonic() + 120
+        stats: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            stats = worker.get("/stats")["pipelines"][name]["prequential"].get("0", {})
+            if stats.get("learned") == len(examples):
+                break
+            time.sleep(0.5)
+        assert stats.get("learned") == len(examples), stats
+    finally:
+        worker.stop()
+
+    model = compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression())
+    accuracy = metrics.Accuracy()
+    for example in examples:
+        assert isinstance(example.record, dict)
+        x = {k: float(v) for k, v in example.record.items() if k not in ("event_id", "ts")}
+        accuracy.update(example.label, model.predict_one(x))
+        model.learn_one(x, example.label)
+    assert stats["accuracy"] == accuracy.get()

@@ -1,0 +1,327 @@
+"""Pipeline specs: the shipped files load, derived names, and precise SpecError messages."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streamml.errors import SpecError
+from streamml.schemas.spec import PipelineSpec, load_spec, parse_spec
+
+PIPELINES = Path(__file__).resolve().parents[3] / "pipelines"
+ROLES = ("raw", "dlq", "features", "predictions", "labels")
+
+
+def _data(name: str = "demo") -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((PIPELINES / f"{name}.yaml").read_text("utf-8"))
+    return data
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of ``data`` with the dotted ``path`` (list indexes as digits) set to ``value``."""
+    out = copy.deepcopy(data)
+    *parents, last = path.split(".")
+    node: Any = out
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out
+
+
+def _drop(data: dict[str, Any], path: str) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    *parents, last = path.split(".")
+    node: Any = out
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    del node[last]
+    return out
+
+
+def _problem(data: Any) -> str:
+    """The SpecError message for ``data``, checked to list exactly one problem."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, "t.yaml")
+    message = str(info.value)
+    head = "t.yaml: invalid pipeline spec:\n  "
+    assert message.startswith(head), message
+    problem = message.removeprefix(head)
+    assert "\n" not in problem, f"expected one problem, got: {message}"
+    return problem
+
+
+# --- the shipped specs ------------------------------------------------------------------
+
+
+def test_demo_spec_loads_with_its_declared_shape() -> None:
+    spec = load_spec(PIPELINES / "demo.yaml")
+    assert spec.name == "demo"
+    assert spec.task == "classification"
+    assert spec.topics.partitions == 6
+    assert spec.schema_.entity_key == "user_id"
+    assert spec.schema_.max_record_bytes == 4096
+    assert spec.schema_.fields["country"].choices == [
+        "US",
+        "DE",
+        "FR",
+        "GB",
+        "BR",
+        "IN",
+        "JP",
+        "NG",
+    ]
+    assert spec.schema_.fields["device"].nullable and not spec.schema_.fields["device"].required
+    assert spec.label.field == "is_fraud" and spec.label.positive == "True"
+    assert spec.label.ttl_s == 600
+    assert len(spec.features) == 12
+    assert [f.kind for f in spec.features][-3:] == ["window", "window", "last_n"]
+    assert spec.exclude == ["amount_x_risk"]
+    assert spec.online_model.kind == "logistic_regression"
+    assert spec.online_model.params == {"l2": 0.0}
+
+
+def test_phishing_spec_loads_with_defaults_filled_in() -> None:
+    spec = load_spec(PIPELINES / "phishing.yaml")
+    assert spec.name == "phishing"
+    assert spec.topics.partitions == 1
+    assert spec.schema_.entity_key is None
+    assert spec.schema_.unknown_fields == "reject"
+    assert spec.schema_.max_record_bytes == 65_536
+    assert len(spec.schema_.fields) == 9
+    assert [f.name for f in spec.features] == list(spec.schema_.fields)
+    assert {f.kind for f in spec.features} == {"numeric"}
+    assert spec.label.ttl_s == 3600.0
+    assert spec.online_model.snapshot_every == 500
+    assert spec.select is None and spec.exclude == []
+
+
+@pytest.mark.parametrize("name", ["demo", "phishing"])
+def test_derived_topic_names(name: str) -> None:
+    spec = load_spec(PIPELINES / f"{name}.yaml")
+    assert spec.topics_by_role == {role: f"{name}.{role}" for role in ROLES}
+    assert spec.topic("raw") == f"{name}.raw"
+
+
+def test_parse_spec_accepts_the_same_data_as_load_spec() -> None:
+    assert parse_spec(_data("demo")) == load_spec(PIPELINES / "demo.yaml")
+
+
+# --- precise errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("nmae", "nmae: unknown key"),
+        ("schema.fields.amount.typ", "schema.fields.amount.typ: unknown key"),
+        ("schema.entity", "schema.entity: unknown key"),
+        ("label.postive", "label.postive: unknown key"),
+        ("online_model.knd", "online_model.knd: unknown key"),
+        ("topics.partition", "topics.partition: unknown key"),
+    ],
+)
+def test_unknown_key_names_the_dotted_path(path: str, expected: str) -> None:
+    assert _problem(_set(_data(), path, 1)) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        # features[0] is {name: amount_log, kind: log1p, field: amount}
+        ("features.0.fild", "features.0.fild: unknown key"),
+        # features[9] is the tumbling window feature; its window mapping has a typo
+        ("features.9.window.sise_s", "features.9.window.sise_s: unknown key"),
+    ],
+)
+def test_unknown_key_inside_a_feature_names_the_path_in_the_file(path: str, expected: str) -> None:
+    # The path must be one the user can find in the YAML: no feature *kind* in it.
+    assert _problem(_set(_data(), path, 1)) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("task", "task: required key is missing"),
+        ("name", "name: required key is missing"),
+        ("online_model", "online_model: required key is missing"),
+        ("online_model.kind", "online_model.kind: required key is missing"),
+        ("schema.fields", "schema.fields: required key is missing"),
+        ("schema.fields.amount.type", "schema.fields.amount.type: required key is missing"),
+    ],
+)
+def test_missing_required_key_is_named(path: str, expected: str) -> None:
+    assert _problem(_drop(_data(), path)) == expected
+
+
+def test_feature_referencing_an_undeclared_field() -> None:
+    data = _set(_data(), "features.0.field", "amt")
+    assert _problem(data) == (
+        "(top level): features[0] (amount_log): field 'amt' is not in schema.fields"
+    )
+
+
+def test_constructed_feature_checks_both_of_its_fields() -> None:
+    data = _set(_data(), "features.7.fields", ["amount", "quantity"])
+    assert _problem(data) == (
+        "(top level): features[7] (amount_per_item): field 'quantity' is not in schema.fields"
+    )
+
+
+def test_cyclic_time_may_use_the_record_timestamp_which_is_not_a_field() -> None:
+    data = _set(_data(), "features.6", {"name": "t", "kind": "cyclic_time", "field": "ts"})
+    assert "ts" not in data["schema"]["fields"]
+    spec = parse_spec(data)
+    assert spec.features[6].kind == "cyclic_time"
+
+
+def test_duplicate_feature_names() -> None:
+    data = _set(_data(), "features.1.name", "amount_log")
+    assert _problem(data) == "(top level): feature names must be unique: ['amount_log']"
+
+
+def test_window_feature_needs_an_entity_key() -> None:
+    data = _drop(_data(), "schema.entity_key")
+    assert _problem(data) == (
+        "(top level): user_amount_10m: per-entity aggregates need schema.entity_key"
+    )
+
+
+def test_last_n_feature_needs_an_entity_key() -> None:
+    data = _data("phishing")
+    data["features"].append(
+        {"name": "recent_https", "kind": "last_n", "field": "https", "n": 3, "aggs": ["mean"]}
+    )
+    assert _problem(data) == (
+        "(top level): recent_https: per-entity aggregates need schema.entity_key"
+    )
+
+
+def test_entity_key_must_be_a_field() -> None:
+    data = _set(_data(), "schema.entity_key", "account")
+    assert _problem(data) == "schema: entity_key 'account' is not one of the fields"
+
+
+@pytest.mark.parametrize(
+    ("task", "kind"),
+    [
+        ("classification", "linear_regression"),
+        ("classification", "hoeffding_tree_regressor"),
+        ("regression", "logistic_regression"),
+        ("regression", "gaussian_nb"),
+    ],
+)
+def test_model_kind_must_fit_the_task(task: str, kind: str) -> None:
+    data = _set(_set(_data(), "task", task), "online_model.kind", kind)
+    data["online_model"]["params"] = {}
+    assert _problem(data) == (f"(top level): online_model.kind {kind!r} does not fit task {task!r}")
+
+
+def test_unknown_model_kind_is_rejected_at_its_key() -> None:
+    problem = _problem(_set(_data(), "online_model.kind", "svm"))
+    assert problem.startswith("online_model.kind: ")
+    assert "'logistic_regression'" in problem
+
+
+def test_bad_pipeline_name() -> None:
+    assert _problem(_set(_data(), "name", "Demo-1")) == (
+        "name: lower-case letters, digits and underscores, starting with a letter"
+    )
+
+
+def test_spec_that_is_not_a_mapping() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(["name", "demo"], "t.yaml")
+    assert str(info.value) == "t.yaml: a pipeline spec is a mapping of keys, got list"
+
+
+def test_every_problem_is_listed_with_the_file_name(tmp_path: Path) -> None:
+    data = _drop(_set(_data(), "nmae", 1), "task")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data), "utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: invalid pipeline spec:"
+    assert sorted(line.strip() for line in lines[1:]) == [
+        "nmae: unknown key",
+        "task: required key is missing",
+    ]
+
+
+def test_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: demo\nfeatures: [unclosed\n", "utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML: ")
+    assert re.search(r"line \d+", message), message
+
+
+def test_empty_yaml_file_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("", "utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}: a pipeline spec is a mapping of keys, got NoneType"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"no pipeline spec at {path}"
+
+
+def test_spec_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        parse_spec({}, "t.yaml")
+
+
+# --- spec_hash -------------------------------------------------------------------------
+
+
+def test_spec_hash_is_stable() -> None:
+    first = load_spec(PIPELINES / "demo.yaml").spec_hash
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert load_spec(PIPELINES / "demo.yaml").spec_hash == first
+    assert parse_spec(_data()).spec_hash == first
+
+
+def test_spec_hash_ignores_key_order_and_formatting(tmp_path: Path) -> None:
+    data = _data()
+    reordered = dict(reversed(list(data.items())))
+    reordered["schema"] = dict(reversed(list(data["schema"].items())))
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(reordered, sort_keys=False, indent=4), "utf-8")
+    assert load_spec(path).spec_hash == load_spec(PIPELINES / "demo.yaml").spec_hash
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("description", "another description"),
+        ("online_model.params", {"l2": 0.01}),
+        ("schema.fields.amount.min", 1),
+        ("features.3.max_categories", 13),
+        ("exclude", []),
+    ],
+)
+def test_spec_hash_changes_with_content(path: str, value: Any) -> None:
+    base: PipelineSpec = parse_spec(_data())
+    changed = parse_spec(_set(_data(), path, value))
+    assert changed.spec_hash != base.spec_hash
+
+
+def test_spec_hash_differs_between_the_shipped_specs() -> None:
+    demo = load_spec(PIPELINES / "demo.yaml")
+    phishing = load_spec(PIPELINES / "phishing.yaml")
+    assert demo.spec_hash != phishing.spec_hash
