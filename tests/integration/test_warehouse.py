@@ -10,26 +10,13 @@ import pytest
 from streamml.config import Settings
 from streamml.errors import MigrationError, WarehouseError
 from streamml.schemas.migrations import CORE_TABLES, Migration, load_migrations
+from streamml.streams.sink import PREDICTION_COLUMNS
 from streamml.streams.warehouse import Warehouse
 from streamml.testing import temporary_warehouse
 
 from .helpers import run_cli
 
-PRED_COLUMNS = [
-    "pipeline",
-    "event_id",
-    "entity_key",
-    "ts",
-    "model_name",
-    "model_version",
-    "role",
-    "served",
-    "score",
-    "predicted_class",
-    "probabilities",
-    "latency_ms",
-    "trace_id",
-]
+PRED_COLUMNS = PREDICTION_COLUMNS
 
 
 def _prediction(event_id: str, score: float) -> tuple[object, ...]:
