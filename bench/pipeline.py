@@ -42,8 +42,13 @@ async def passthrough(settings, n: int, rate: float | None) -> tuple[float, list
     boot = settings.bootstrap_servers
     producer = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=5)
     relay_out = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=2)
-    consumer = AIOKafkaConsumer(src, bootstrap_servers=boot, group_id=tag,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=10)
+    consumer = AIOKafkaConsumer(
+        src,
+        bootstrap_servers=boot,
+        group_id=tag,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+    )
     await asyncio.gather(producer.start(), relay_out.start(), consumer.start())
     latencies: list[float] = []
     done = asyncio.Event()
@@ -83,16 +88,22 @@ async def passthrough(settings, n: int, rate: float | None) -> tuple[float, list
 def pipeline_run(settings, worker: WorkerProcess, spec, n: int, rate: float | None, seed: int):
     """Records/s from first send to the last prediction row in ClickHouse, and e2e latencies."""
     t0 = time.perf_counter()
-    asyncio.run(produce_examples(settings, spec, payments(n, seed=seed), rate=rate,
-                                 with_labels=True, label_delay=100))
-    sql = (f"SELECT uniqExact(event_id) FROM predictions WHERE pipeline = '{spec.name}' "
-           f"AND startsWith(event_id, 'pay-{seed}-')")
+    asyncio.run(
+        produce_examples(
+            settings, spec, payments(n, seed=seed), rate=rate, with_labels=True, label_delay=100
+        )
+    )
+    sql = (
+        f"SELECT uniqExact(event_id) FROM predictions WHERE pipeline = '{spec.name}' "
+        f"AND startsWith(event_id, 'pay-{seed}-')"
+    )
     while int(worker.query(sql)[1][0][0]) < n:
         time.sleep(0.2)
     elapsed = time.perf_counter() - t0
     _, rows = worker.query(
         f"SELECT e2e_latency_ms FROM predictions FINAL WHERE pipeline = '{spec.name}' "
-        f"AND startsWith(event_id, 'pay-{seed}-')")
+        f"AND startsWith(event_id, 'pay-{seed}-')"
+    )
     return n / elapsed, [float(r[0]) for r in rows]
 
 
@@ -115,8 +126,9 @@ def main() -> int:
             folder = Path(tmp) / "pipelines"
             folder.mkdir()
             (folder / "benchpipe.yaml").write_text(yaml.safe_dump(spec_data))
-            settings = settings.model_copy(update={"pipelines_dir": folder,
-                                                   "kafka_bootstrap": settings.bootstrap_servers})
+            settings = settings.model_copy(
+                update={"pipelines_dir": folder, "kafka_bootstrap": settings.bootstrap_servers}
+            )
             [spec] = load_pipelines(folder, ["benchpipe"])
             asyncio.run(ensure_pipeline_topics(settings, [spec]))
 
@@ -127,8 +139,9 @@ def main() -> int:
             worker.start()
             try:
                 pipe_tput, _ = pipeline_run(settings, worker, spec, args.events, None, 101)
-                _, pipe_lat = pipeline_run(settings, worker, spec, int(args.rate * 20),
-                                           args.rate, 102)
+                _, pipe_lat = pipeline_run(
+                    settings, worker, spec, int(args.rate * 20), args.rate, 102
+                )
             finally:
                 worker.stop()
         finally:
@@ -137,10 +150,14 @@ def main() -> int:
     print(f"pipeline_throughput_eps {pipe_tput:.0f}")
     print(f"throughput_ratio_pipeline_over_passthrough {pipe_tput / base_tput:.3f}")
     for name, values in (("passthrough", base_lat), ("pipeline", pipe_lat)):
-        print(f"{name}_latency_ms_at_{args.rate:.0f}eps p50 {quantile(values, 0.5):.1f} "
-              f"p99 {quantile(values, 0.99):.1f}")
-    print(f"latency_p99_ratio_pipeline_over_passthrough "
-          f"{quantile(pipe_lat, 0.99) / max(quantile(base_lat, 0.99), 1e-3):.1f}")
+        print(
+            f"{name}_latency_ms_at_{args.rate:.0f}eps p50 {quantile(values, 0.5):.1f} "
+            f"p99 {quantile(values, 0.99):.1f}"
+        )
+    print(
+        f"latency_p99_ratio_pipeline_over_passthrough "
+        f"{quantile(pipe_lat, 0.99) / max(quantile(base_lat, 0.99), 1e-3):.1f}"
+    )
     return 0
 
 

@@ -1,5 +1,7 @@
 """Helpers shared by the integration tests."""
 
+# settings_env is re-exported for the tests: the child-process form of Settings.
+
 from __future__ import annotations
 
 import os
@@ -8,6 +10,7 @@ import sys
 from pathlib import Path
 
 from streamml.config import Settings
+from streamml.devstack.worker import settings_env
 
 
 def run_cli(
@@ -29,20 +32,6 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {
-        "STREAMML_STATE_DIR": str(settings.state_dir),
-        "STREAMML_CACHE_DIR": str(settings.cache_dir),
-        "STREAMML_KAFKA_PORT": str(settings.kafka_port),
-        "STREAMML_KAFKA_CONTROLLER_PORT": str(settings.kafka_controller_port),
-        "STREAMML_WEB_PORT": str(settings.web_port),
-        "STREAMML_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
-    }
-    if settings.kafka_bootstrap:
-        env["STREAMML_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
-    return env
 
 
 def java_processes_under(path: Path) -> list[int]:

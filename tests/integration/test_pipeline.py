@@ -15,6 +15,7 @@ from streamml.config import Settings
 from streamml.devstack.worker import WorkerProcess
 from streamml.models.synthetic import payments, phishing
 from streamml.schemas.catalog import load_pipelines
+from streamml.schemas.spec import PipelineSpec
 from streamml.streams.kafka import ensure_pipeline_topics
 from streamml.streams.producer import produce_examples
 from streamml.testing import free_port
@@ -44,6 +45,19 @@ def _worker_settings(stack: Settings, tmp: Path, pipelines: Path, app_id: str) -
             "kafka_bootstrap": stack.bootstrap_servers,
         }
     )
+
+
+def _start(
+    stack: Settings, tmp: Path, source: str, name: str, app_id: str
+) -> tuple[Settings, PipelineSpec, WorkerProcess]:
+    """A worker for a renamed copy of a shipped spec, its topics created, ready."""
+    pipelines = _pipeline_dir(tmp, source, name)
+    settings = _worker_settings(stack, tmp, pipelines, app_id)
+    [spec] = load_pipelines(pipelines, [name])
+    asyncio.run(ensure_pipeline_topics(settings, [spec]))
+    worker = WorkerProcess(settings, [name], tmp / f"{app_id}.log")
+    worker.start()
+    return settings, spec, worker
 
 
 def _wait_for(worker: WorkerProcess, sql: str, want: int, timeout_s: float = 180) -> int:
@@ -118,12 +132,7 @@ def test_sigkilled_worker_resumes_and_loses_nothing(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
     name = "crashy"
-    pipelines = _pipeline_dir(tmp_path, "demo", name)
-    settings = _worker_settings(stack_settings, tmp_path, pipelines, "grpkill")
-    [spec] = load_pipelines(pipelines, [name])
-    asyncio.run(ensure_pipeline_topics(settings, [spec]))
-    worker = WorkerProcess(settings, [name], tmp_path / "worker.log")
-    worker.start()
+    settings, spec, worker = _start(stack_settings, tmp_path, "demo", name, "grpkill")
     n, bad_every = 4000, 200
     try:
         asyncio.run(
@@ -156,12 +165,7 @@ def test_phishing_prequential_accuracy_equals_river(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
     name = "phish"
-    pipelines = _pipeline_dir(tmp_path, "phishing", name)
-    settings = _worker_settings(stack_settings, tmp_path, pipelines, "grpphish")
-    [spec] = load_pipelines(pipelines, [name])
-    asyncio.run(ensure_pipeline_topics(settings, [spec]))
-    worker = WorkerProcess(settings, [name], tmp_path / "worker.log")
-    worker.start()
+    settings, spec, worker = _start(stack_settings, tmp_path, "phishing", name, "grpphish")
     try:
         examples = list(phishing())
         asyncio.run(produce_examples(settings, spec, examples, label_delay=20))
