@@ -25,34 +25,10 @@ from streamml.streams.sink import WarehouseSink
 from streamml.streams.topics import table_name
 from streamml.streams.warehouse import Warehouse
 
-FETCH_MAX_WAIT_MS = 10
-
-
-def _lower_fetch_wait() -> None:
-    """faust-streaming's aiokafka driver hard-codes fetch_max_wait_ms=1500 for its consumer:
-    every hop between agents then waits up to 1.5 s for a fetch to fill. Set it before the
-    consumer starts (aiokafka reads it when it builds its fetcher). Idempotent."""
-    from faust.transport.drivers import aiokafka as driver
-
-    thread: Any = driver.AIOKafkaConsumerThread
-    if getattr(thread, "_streamml_fetch_wait", None) == FETCH_MAX_WAIT_MS:
-        return
-    original = thread._create_worker_consumer
-
-    def create(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-    thread._create_worker_consumer = create
-    thread._streamml_fetch_wait = FETCH_MAX_WAIT_MS
-
-
 def create_app(
     settings: Settings, specs: Sequence[PipelineSpec] = (), with_sink: bool = True
 ) -> faust.App:
     """Build the Faust app for these settings and pipelines (no connection is made here)."""
-    _lower_fetch_wait()
     brokers = [f"kafka://{hostport}" for hostport in settings.bootstrap_servers.split(",")]
     app = faust.App(
         settings.app_id,
