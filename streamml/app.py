@@ -25,6 +25,7 @@ from streamml.streams.sink import WarehouseSink
 from streamml.streams.topics import table_name
 from streamml.streams.warehouse import Warehouse
 
+
 def create_app(
     settings: Settings, specs: Sequence[PipelineSpec] = (), with_sink: bool = True
 ) -> faust.App:
