@@ -17,6 +17,7 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
+from streamml import telemetry
 from streamml.agents import ingest, learn, score
 from streamml.agents.runtime import PipelineRuntime
 from streamml.config import Settings
@@ -53,8 +54,9 @@ def create_app(
         stream_wait_empty=False,
     )
     started = time.time()
+    tel = telemetry.setup(settings)
     runtimes = {
-        spec.name: PipelineRuntime.from_spec(spec, settings.topic_partitions) for spec in specs
+        spec.name: PipelineRuntime.from_spec(spec, settings.topic_partitions, tel) for spec in specs
     }
     for rt in runtimes.values():
         partitions = rt.partitions
@@ -95,6 +97,14 @@ def create_app(
                 },
                 status=200 if ready else 503,
             )
+
+    @app.page("/metrics")
+    class Metrics(View):
+        """Counters and latency histograms per pipeline and step, Prometheus text format."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            body, content_type = telemetry.prometheus_text()
+            return self.bytes(body, content_type=content_type.split(";")[0])
 
     @app.page("/stats")
     class Stats(View):

@@ -195,6 +195,15 @@ class Settings(BaseSettings):
         ge=10,
         description="STREAMML_SINK_FLUSH_INTERVAL_MS: ... or after this long, whichever is first.",
     )
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none",
+        description="STREAMML_OTEL_EXPORTER: where spans go: none, console (stderr) or otlp.",
+    )
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="STREAMML_OTEL_ENDPOINT: OTLP/HTTP traces endpoint, e.g. "
+        "http://127.0.0.1:4318/v1/traces (default: the exporter's own default).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="STREAMML_LOG_LEVEL: debug, info, warning or error."
     )

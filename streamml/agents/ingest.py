@@ -12,6 +12,7 @@ from typing import Any
 
 import faust
 
+from streamml import telemetry
 from streamml.agents.runtime import PipelineRuntime
 from streamml.schemas.records import DeadLetter, Source, validate
 from streamml.streams.topics import dumps, table_name
@@ -21,6 +22,7 @@ STATS_SNAPSHOT_EVERY = 200
 
 def register(app: faust.App, rt: PipelineRuntime) -> None:
     name = rt.name
+    tel = rt.telemetry
     raw = app.topic(
         rt.topics["raw"],
         key_type=bytes,
@@ -39,47 +41,56 @@ def register(app: faust.App, rt: PipelineRuntime) -> None:
         # events when several partitions interleave (records were lost and duplicated).
         async for event in stream.events():
             message = event.message
-            source = Source(
-                message.topic,
-                message.partition,
-                message.offset,
-                int((message.timestamp or time.time()) * 1000),
-                message.key,
+            t0 = time.perf_counter()
+            context = telemetry.extract(message.headers)
+            with tel.tracer.start_as_current_span(f"{name}.ingest", context=context):
+                outcome = await handle(message)
+            tel.count(name, "ingest", outcome)
+            tel.observe(name, "ingest", (time.perf_counter() - t0) * 1000)
+
+    async def handle(message: Any) -> str:
+        source = Source(
+            message.topic,
+            message.partition,
+            message.offset,
+            int((message.timestamp or time.time()) * 1000),
+            message.key,
+        )
+        result = validate(rt.spec, message.value or b"", source)
+        if isinstance(result, DeadLetter):
+            rt.counters["dead_letters"] += 1
+            rt.counters[f"dead_letters.{result.error_class}"] += 1
+            await dlq.send(
+                key=message.key,
+                value=result.to_json(name),
+                partition=message.partition,
+                headers=telemetry.inject(),
             )
-            result = validate(rt.spec, message.value or b"", source)
-            if isinstance(result, DeadLetter):
-                rt.counters["dead_letters"] += 1
-                rt.counters[f"dead_letters.{result.error_class}"] += 1
-                await dlq.send(
-                    key=message.key,
-                    value=result.to_json(name),
-                    partition=message.partition,
-                    headers=message.headers,
-                )
-                continue
-            partition = message.partition
-            state = rt.feature_state(partition, stats.get(str(partition)))
-            entity_key = result.entity_key or result.event_id
-            window_state: dict[str, Any] = (
-                dict(entities[entity_key]) if rt.featurizer.needs_entity_state else {}
-            )
-            vector = rt.featurizer.transform(result, state, window_state)
-            if rt.featurizer.needs_entity_state:
-                entities[entity_key] = window_state
-            rt.counters["featurized"] += 1
-            await features.send(
-                key=message.key if message.key is not None else result.event_id.encode(),
-                partition=partition,  # co-partitioned by construction, whatever the key
-                value=dumps(
-                    {
-                        "event_id": result.event_id,
-                        "ts_ms": result.ts_ms,
-                        "entity_key": result.entity_key,
-                        "ingest_ms": source.timestamp_ms,
-                        "features": vector,
-                    }
-                ),
-                headers=message.headers,
-            )
-            if rt.counters["featurized"] % STATS_SNAPSHOT_EVERY == 0:
-                stats[str(partition)] = state.data
+            return "dead_letter"
+        partition = message.partition
+        state = rt.feature_state(partition, stats.get(str(partition)))
+        entity_key = result.entity_key or result.event_id
+        window_state: dict[str, Any] = (
+            dict(entities[entity_key]) if rt.featurizer.needs_entity_state else {}
+        )
+        vector = rt.featurizer.transform(result, state, window_state)
+        if rt.featurizer.needs_entity_state:
+            entities[entity_key] = window_state
+        rt.counters["featurized"] += 1
+        await features.send(
+            key=message.key if message.key is not None else result.event_id.encode(),
+            partition=partition,  # co-partitioned by construction, whatever the key
+            value=dumps(
+                {
+                    "event_id": result.event_id,
+                    "ts_ms": result.ts_ms,
+                    "entity_key": result.entity_key,
+                    "ingest_ms": source.timestamp_ms,
+                    "features": vector,
+                }
+            ),
+            headers=telemetry.inject(),
+        )
+        if rt.counters["featurized"] % STATS_SNAPSHOT_EVERY == 0:
+            stats[str(partition)] = state.data
+        return "ok"

@@ -17,6 +17,7 @@ from streamml.models.features import Featurizer, GlobalState
 from streamml.models.online import OnlineLearner
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.topics import pipeline_topics
+from streamml.telemetry import Telemetry
 
 
 @dataclass
@@ -25,15 +26,18 @@ class PipelineRuntime:
     featurizer: Featurizer
     topics: dict[str, str]
     partitions: int
+    telemetry: Telemetry
     learners: dict[int, OnlineLearner] = field(default_factory=dict)
     feature_states: dict[int, GlobalState] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_spec(cls, spec: PipelineSpec, default_partitions: int) -> PipelineRuntime:
+    def from_spec(
+        cls, spec: PipelineSpec, default_partitions: int, telemetry: Telemetry
+    ) -> PipelineRuntime:
         partitions = spec.topics.partitions or default_partitions
-        return cls(spec, Featurizer(spec), pipeline_topics(spec), partitions)
+        return cls(spec, Featurizer(spec), pipeline_topics(spec), partitions, telemetry)
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import faust
 from faust.types import TableT
 
+from streamml import telemetry
 from streamml.agents.learn import LearnHook
 from streamml.agents.runtime import PipelineRuntime
 from streamml.streams.topics import dumps, loads
@@ -26,6 +27,7 @@ def register(
     learn_one: LearnHook,
 ) -> None:
     name = rt.name
+    tel = rt.telemetry
     features = app.topic(rt.topics["features"], value_serializer="raw", key_serializer="raw")
     predictions = app.topic(rt.topics["predictions"], value_serializer="raw", key_serializer="raw")
 
@@ -35,47 +37,56 @@ def register(
         # events when several partitions interleave (records were lost and duplicated).
         async for event in stream.events():
             message = event.message
-            record = loads(message.value)
-            partition = message.partition
-            learner = rt.learner(partition, models.get(str(partition)))
             t0 = time.perf_counter()
-            prediction = learner.predict(record["features"])
-            latency_ms = (time.perf_counter() - t0) * 1000
-            stored = {
-                "features": record["features"],
-                "ts_ms": record["ts_ms"],
-                "stored_ms": int(time.time() * 1000),
-            }
-            key = record["event_id"]
-            # not .get(): a faust table's get() returns the default, not None
-            waiting = early[key] if key in early else None  # noqa: SIM401
-            if waiting is not None:  # its label came first: learn now
-                del early[key]
-                rt.counters["labels_early_matched"] += 1
-                await learn_one(partition, record["event_id"], waiting["label"], stored)
-            else:
-                joins[key] = stored
-            rt.counters["scored"] += 1
-            await predictions.send(
-                key=message.key,
-                partition=partition,
-                value=dumps(
-                    {
-                        "pipeline": name,
-                        "event_id": record["event_id"],
-                        "entity_key": record["entity_key"],
-                        "ts_ms": record["ts_ms"],
-                        "ingest_ms": record.get("ingest_ms"),
-                        "model_name": rt.spec.online_model.kind,
-                        "model_version": learner.version,
-                        "role": "champion",
-                        "served": True,
-                        "score": prediction.score,
-                        "predicted_class": prediction.predicted_class,
-                        "probabilities": prediction.probabilities,
-                        "latency_ms": latency_ms,
-                        "emitted_ms": int(time.time() * 1000),
-                    }
-                ),
-                headers=message.headers,
-            )
+            context = telemetry.extract(message.headers)
+            with tel.tracer.start_as_current_span(f"{name}.score", context=context):
+                await handle(message)
+            tel.count(name, "score", "ok")
+            tel.observe(name, "score", (time.perf_counter() - t0) * 1000)
+
+    async def handle(message: Any) -> None:
+        record = loads(message.value)
+        partition = message.partition
+        learner = rt.learner(partition, models.get(str(partition)))
+        t0 = time.perf_counter()
+        prediction = learner.predict(record["features"])
+        latency_ms = (time.perf_counter() - t0) * 1000
+        stored = {
+            "features": record["features"],
+            "ts_ms": record["ts_ms"],
+            "stored_ms": int(time.time() * 1000),
+        }
+        key = record["event_id"]
+        # not .get(): a faust table's get() returns the default, not None
+        waiting = early[key] if key in early else None  # noqa: SIM401
+        if waiting is not None:  # its label came first: learn now
+            del early[key]
+            rt.counters["labels_early_matched"] += 1
+            await learn_one(partition, record["event_id"], waiting["label"], stored)
+        else:
+            joins[key] = stored
+        rt.counters["scored"] += 1
+        await predictions.send(
+            key=message.key,
+            partition=partition,
+            value=dumps(
+                {
+                    "pipeline": name,
+                    "event_id": record["event_id"],
+                    "entity_key": record["entity_key"],
+                    "ts_ms": record["ts_ms"],
+                    "ingest_ms": record.get("ingest_ms"),
+                    "model_name": rt.spec.online_model.kind,
+                    "model_version": learner.version,
+                    "role": "champion",
+                    "served": True,
+                    "score": prediction.score,
+                    "predicted_class": prediction.predicted_class,
+                    "probabilities": prediction.probabilities,
+                    "latency_ms": latency_ms,
+                    "emitted_ms": int(time.time() * 1000),
+                    "trace_id": telemetry.trace_id(),
+                }
+            ),
+            headers=telemetry.inject(),
+        )

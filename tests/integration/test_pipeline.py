@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 from river import compose, linear_model, metrics, preprocessing
 
@@ -16,6 +18,7 @@ from streamml.devstack.worker import WorkerProcess
 from streamml.models.synthetic import payments, phishing
 from streamml.schemas.catalog import load_pipelines
 from streamml.schemas.spec import PipelineSpec
+from streamml.streams import kafka
 from streamml.streams.kafka import ensure_pipeline_topics
 from streamml.streams.producer import produce_examples
 from streamml.testing import free_port
@@ -165,7 +168,8 @@ def test_phishing_prequential_accuracy_equals_river(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
     name = "phish"
-    settings, spec, worker = _start(stack_settings, tmp_path, "phishing", name, "grpphish")
+    traced = stack_settings.model_copy(update={"otel_exporter": "console"})
+    settings, spec, worker = _start(traced, tmp_path, "phishing", name, "grpphish")
     try:
         examples = list(phishing())
         asyncio.run(produce_examples(settings, spec, examples, label_delay=20))
@@ -177,6 +181,32 @@ def test_phishing_prequential_accuracy_equals_river(
                 break
             time.sleep(0.5)
         assert stats.get("learned") == len(examples), stats
+
+        # OpenTelemetry: a producer's trace context reaches the prediction row ...
+        trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736"
+        record = dict(examples[0].record, event_id="traced-1")
+        asyncio.run(
+            kafka.produce(
+                settings,
+                spec.topic("raw"),
+                [(b"traced-1", orjson.dumps(record))],
+                headers=[("traceparent", f"00-{trace_hex}-00f067aa0ba902b7-01".encode())],
+            )
+        )
+        sql = f"SELECT count() FROM predictions WHERE event_id = 'traced-1' AND trace_id = '{trace_hex}'"
+        assert _wait_for(worker, sql, 1, timeout_s=30) == 1
+        # ... and every step is counted on /metrics
+        with urllib.request.urlopen(worker.base + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for step in ("ingest", "score", "learn"):
+            line = next(
+                ln
+                for ln in text.splitlines()
+                if ln.startswith("streamml_records_total")
+                and f'step="{step}"' in ln
+                and f'pipeline="{name}"' in ln
+            )
+            assert float(line.rsplit(" ", 1)[1]) >= len(examples), line
     finally:
         worker.stop()
 
