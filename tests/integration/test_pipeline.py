@@ -193,7 +193,10 @@ def test_phishing_prequential_accuracy_equals_river(
                 headers=[("traceparent", f"00-{trace_hex}-00f067aa0ba902b7-01".encode())],
             )
         )
-        sql = f"SELECT count() FROM predictions WHERE event_id = 'traced-1' AND trace_id = '{trace_hex}'"
+        sql = (
+            "SELECT count() FROM predictions WHERE event_id = 'traced-1' "
+            f"AND trace_id = '{trace_hex}'"
+        )
         assert _wait_for(worker, sql, 1, timeout_s=30) == 1
         # ... and every step is counted on /metrics
         with urllib.request.urlopen(worker.base + "/metrics", timeout=10) as response:
