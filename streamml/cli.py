@@ -348,7 +348,7 @@ def schema_export(
 
 @app.command()
 def demo(
-    events: int = typer.Option(20_000, help="How many events to stream."),
+    events: int = typer.Option(10_000, help="How many events to stream."),
     keep_broker: bool = typer.Option(
         False, "--keep-broker", help="Leave the broker running if the demo started it."
     ),
