@@ -182,14 +182,27 @@ def query(
     sql: str = typer.Argument(..., help="A ClickHouse SQL query."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
 ) -> None:
-    """Run a SQL query against the warehouse and print the result."""
-    from streamml.streams.warehouse import Warehouse
+    """Run a SQL query against the warehouse and print the result.
+
+    With embedded chDB owned by a running worker, the query goes through that worker."""
+    from streamml.errors import WarehouseLockedError
+    from streamml.streams.warehouse import QueryResult, Warehouse
 
     settings = _settings()
 
     def action() -> None:
-        with Warehouse.connect(settings) as warehouse:
-            result = warehouse.query(sql)
+        try:
+            with Warehouse.connect(settings) as warehouse:
+                result = warehouse.query(sql)
+        except WarehouseLockedError as locked:
+            from streamml.devstack.worker import WorkerProcess
+
+            worker = WorkerProcess(settings, [], settings.state_dir / "worker.log")
+            try:
+                columns, found = worker.query(sql)
+            except OSError:  # no worker of ours answers: someone else holds the lock
+                raise locked from None
+            result = QueryResult(columns, [tuple(r) for r in found])
         if fmt is OutputFormat.json:
             rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
             sys.stdout.write(json.dumps(rows, default=_jsonable) + "\n")

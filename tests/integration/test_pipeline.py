@@ -160,6 +160,11 @@ def test_sigkilled_worker_resumes_and_loses_nothing(
         _account(worker, name, n - bad, bad)
         counters = worker.get("/stats")["pipelines"][name]["counters"]
         assert counters.get("model_restored", 0) > 0, counters  # online models resumed
+        # the worker owns the embedded warehouse: `streamml query` goes through it
+        sql = f"SELECT count() FROM dead_letters FINAL WHERE pipeline = '{name}'"
+        answer = run_cli("query", sql, "-f", "csv", env=settings_env(settings))
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.splitlines()[1] == str(bad)
     finally:
         worker.stop()
 
