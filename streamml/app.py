@@ -127,6 +127,7 @@ def create_app(
                     else {
                         "written": dict(sink.stats.written),
                         "flushes": sink.stats.flushes,
+                        "failed_flushes": sink.stats.failed_flushes,
                         "bad_messages": sink.stats.bad_messages,
                     },
                 }

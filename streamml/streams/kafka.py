@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streamml.config import Settings
 from streamml.errors import BrokerUnavailableError
+from streamml.schemas.spec import PipelineSpec
 
 T = TypeVar("T")
 
@@ -37,7 +38,7 @@ class Message:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-async def _bounded(what: str, bootstrap: str, aw: Awaitable[T], timeout_s: float) -> T:
+async def bounded(what: str, bootstrap: str, aw: Awaitable[T], timeout_s: float) -> T:
     try:
         return await asyncio.wait_for(aw, timeout_s)
     except (TimeoutError, KafkaError, OSError) as exc:
@@ -48,7 +49,7 @@ async def _bounded(what: str, bootstrap: str, aw: Awaitable[T], timeout_s: float
         ) from exc
 
 
-async def _close(aw: Awaitable[object], timeout_s: float) -> None:
+async def close_quietly(aw: Awaitable[object], timeout_s: float) -> None:
     """Closing must not hang on a dead broker either; what is lost is reported by the caller."""
     with contextlib.suppress(TimeoutError, KafkaError, OSError):
         await asyncio.wait_for(aw, timeout_s)
@@ -60,11 +61,11 @@ async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap, request_timeout_ms=int(settings.request_timeout_s * 1000)
     )
-    await _bounded("connect", bootstrap, admin.start(), settings.request_timeout_s)
+    await bounded("connect", bootstrap, admin.start(), settings.request_timeout_s)
     try:
         yield admin
     finally:
-        await _close(admin.close(), settings.request_timeout_s)
+        await close_quietly(admin.close(), settings.request_timeout_s)
 
 
 async def ensure_topics(
@@ -78,9 +79,7 @@ async def ensure_topics(
     bootstrap = settings.bootstrap_servers
     async with admin_client(settings) as admin:
         existing = set(
-            await _bounded(
-                "list topics", bootstrap, admin.list_topics(), settings.request_timeout_s
-            )
+            await bounded("list topics", bootstrap, admin.list_topics(), settings.request_timeout_s)
         )
         missing = [n for n in wanted if n not in existing]
         if not missing:
@@ -94,7 +93,7 @@ async def ensure_topics(
             )
             for name in missing
         ]
-        response = await _bounded(
+        response = await bounded(
             "create topics", bootstrap, admin.create_topics(new), settings.request_timeout_s
         )
     for topic, code, message in _topic_errors(response):
@@ -124,20 +123,20 @@ async def produce(
         request_timeout_ms=int(settings.request_timeout_s * 1000),
         enable_idempotence=True,
     )
-    await _bounded("connect", bootstrap, producer.start(), settings.request_timeout_s)
+    await bounded("connect", bootstrap, producer.start(), settings.request_timeout_s)
     try:
         futures = [
             await producer.send(topic, value=value, key=key, headers=list(headers))
             for key, value in records
         ]
-        metas = await _bounded(
+        metas = await bounded(
             f"acknowledge {len(futures)} records on {topic!r}",
             bootstrap,
             asyncio.gather(*futures),
             settings.request_timeout_s,
         )
     finally:
-        await _close(producer.stop(), settings.request_timeout_s)
+        await close_quietly(producer.stop(), settings.request_timeout_s)
     return [(m.partition, m.offset) for m in metas]
 
 
@@ -161,7 +160,7 @@ async def consume(
         session_timeout_ms=int(settings.session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
     )
-    await _bounded("connect", bootstrap, consumer.start(), settings.request_timeout_s)
+    await bounded("connect", bootstrap, consumer.start(), settings.request_timeout_s)
     got: list[Message] = []
     deadline = time.monotonic() + limit
     try:
@@ -173,7 +172,7 @@ async def consume(
                     f"within {limit:.0f} s",
                     hint="is the broker running and are the records produced?",
                 )
-            batch = await _bounded(
+            batch = await bounded(
                 "fetch records",
                 bootstrap,
                 consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000)),
@@ -185,7 +184,7 @@ async def consume(
                     for r in records
                 )
     finally:
-        await _close(consumer.stop(), settings.request_timeout_s)
+        await close_quietly(consumer.stop(), settings.request_timeout_s)
     return got[:count]
 
 
@@ -199,19 +198,19 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
         enable_auto_commit=False,
         request_timeout_ms=int(settings.request_timeout_s * 1000),
     )
-    await _bounded("connect", bootstrap, consumer.start(), settings.request_timeout_s)
+    await bounded("connect", bootstrap, consumer.start(), settings.request_timeout_s)
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
         consumer.seek(tp, offset)
-        record = await _bounded(
+        record = await bounded(
             f"fetch {topic}[{partition}]@{offset}",
             bootstrap,
             consumer.getone(tp),
             settings.request_timeout_s,
         )
     finally:
-        await _close(consumer.stop(), settings.request_timeout_s)
+        await close_quietly(consumer.stop(), settings.request_timeout_s)
     return Message(
         record.topic,
         record.partition,
@@ -222,7 +221,7 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
     )
 
 
-async def ensure_pipeline_topics(settings: Settings, specs: Iterable[Any]) -> list[str]:
+async def ensure_pipeline_topics(settings: Settings, specs: Iterable[PipelineSpec]) -> list[str]:
     """Create every topic of these pipelines, all with the pipeline's partition count
     (co-partitioning: raw, features, predictions and labels of a key meet in one worker)."""
     from streamml.streams.topics import CONTROL_TOPIC, changelog_topics, pipeline_topics

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from streamml.config import Settings
 from streamml.models.synthetic import Example
 from streamml.schemas.spec import PipelineSpec
-from streamml.streams.kafka import _bounded, _close
+from streamml.streams.kafka import bounded, close_quietly
 from streamml.streams.topics import dumps, pipeline_topics
 
 Progress = Callable[[int], None]
@@ -51,7 +51,7 @@ async def produce_examples(
         max_batch_size=262_144,
     )
     bootstrap = settings.bootstrap_servers
-    await _bounded("connect", bootstrap, producer.start(), settings.request_timeout_s)
+    await bounded("connect", bootstrap, producer.start(), settings.request_timeout_s)
     pending: deque[Example] = deque()
     futures: list[asyncio.Future[Any]] = []
     sent = 0
@@ -77,7 +77,7 @@ async def produce_examples(
                 while len(pending) > label_delay:
                     await send_label(pending.popleft())
             if len(futures) >= 2000:
-                await _bounded(
+                await bounded(
                     "acknowledge records",
                     bootstrap,
                     asyncio.gather(*futures),
@@ -91,12 +91,12 @@ async def produce_examples(
                     await asyncio.sleep(ahead)
         while pending:
             await send_label(pending.popleft())
-        await _bounded(
+        await bounded(
             "acknowledge records", bootstrap, asyncio.gather(*futures), settings.request_timeout_s
         )
         progress(sent)
     finally:
-        await _close(producer.stop(), settings.request_timeout_s)
+        await close_quietly(producer.stop(), settings.request_timeout_s)
     return sent
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from streamml.config import Settings
+from streamml.errors import WarehouseError
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.topics import loads, pipeline_topics
 from streamml.streams.warehouse import Warehouse
@@ -156,6 +157,7 @@ def _label_parser(pipeline: str, label_field: str) -> Callable[[ConsumerRecord],
 class SinkStats:
     written: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     flushes: int = 0
+    failed_flushes: int = 0
     bad_messages: int = 0
     last_flush_ms: float = 0.0
 
@@ -232,8 +234,8 @@ class WarehouseSink:
                         offsets[tp] = record.offset + 1
                 pending = sum(len(b) for b in buffers.values())
                 if offsets and (pending >= self.max_rows or time.monotonic() >= deadline):
-                    await self._flush(buffers)
-                    await consumer.commit({tp: off for tp, off in offsets.items()})
+                    await self._flush_until_written(buffers)
+                    await consumer.commit(dict(offsets))
                     offsets.clear()
                 if time.monotonic() >= deadline:
                     deadline = time.monotonic() + self.flush_interval_ms / 1000
@@ -249,12 +251,28 @@ class WarehouseSink:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _flush_until_written(self, buffers: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Retry a failed write (server restart, disk full) instead of dropping the batch;
+        nothing is committed meanwhile, so a crash here re-delivers rather than loses."""
+        delay_s = 0.5
+        while True:
+            try:
+                await self._flush(buffers)
+                return
+            except WarehouseError as exc:
+                self.stats.failed_flushes += 1
+                log.error("warehouse write failed, retrying in %.1f s: %s", delay_s, exc)
+                if self._stopping.is_set():
+                    raise
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+
     async def _flush(self, buffers: dict[str, list[tuple[Any, ...]]]) -> None:
         t0 = time.perf_counter()
-        for table, rows in buffers.items():
+        for table, rows in list(buffers.items()):
             if rows:
                 await asyncio.to_thread(self.warehouse.insert, table, rows, COLUMNS[table])
                 self.stats.written[table] += len(rows)
-        buffers.clear()
+                del buffers[table]  # written: a retry must not write it again
         self.stats.flushes += 1
         self.stats.last_flush_ms = (time.perf_counter() - t0) * 1000
