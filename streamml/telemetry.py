@@ -8,7 +8,7 @@ Spans are exported only when ``STREAMML_OTEL_EXPORTER`` is ``console`` or ``otlp
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,9 +87,9 @@ def _exporter(settings: Settings) -> SpanExporter:
     )
 
 
-def extract(headers: Iterable[tuple[str, bytes]] | dict[str, bytes] | None) -> Context:
+def extract(headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes] | None) -> Context:
     """The trace context a producer put in the Kafka headers (W3C traceparent)."""
-    items = headers.items() if isinstance(headers, dict) else (headers or ())
+    items = headers.items() if isinstance(headers, Mapping) else (headers or ())
     carrier = {k: v.decode("latin-1") for k, v in items if isinstance(v, bytes | bytearray)}
     return propagate.extract(carrier)
 
