@@ -13,7 +13,7 @@ from typing import Any
 import faust
 
 from streamml import telemetry
-from streamml.agents.runtime import PipelineRuntime
+from streamml.agents.runtime import PipelineRuntime, run_step
 from streamml.schemas.records import DeadLetter, Source, validate
 from streamml.streams.topics import dumps, table_name
 
@@ -22,7 +22,6 @@ STATS_SNAPSHOT_EVERY = 200
 
 def register(app: faust.App, rt: PipelineRuntime) -> None:
     name = rt.name
-    tel = rt.telemetry
     raw = app.topic(
         rt.topics["raw"],
         key_type=bytes,
@@ -37,16 +36,7 @@ def register(app: faust.App, rt: PipelineRuntime) -> None:
 
     @app.agent(raw, name=f"{name}.ingest")
     async def ingest(stream: faust.StreamT[Any]) -> None:
-        # One event at a time: batching with take_events() lost records (see
-        # docs/architecture.md); the accounting tests hold with this.
-        async for event in stream.events():
-            message = event.message
-            t0 = time.perf_counter()
-            context = telemetry.extract(message.headers)
-            with tel.tracer.start_as_current_span(f"{name}.ingest", context=context):
-                outcome = await handle(message)
-            tel.count(name, "ingest", outcome)
-            tel.observe(name, "ingest", (time.perf_counter() - t0) * 1000)
+        await run_step(stream, rt, "ingest", handle)
 
     async def handle(message: Any) -> str:
         source = Source(

@@ -16,8 +16,7 @@ from typing import Any
 import faust
 from faust.types import TableT
 
-from streamml import telemetry
-from streamml.agents.runtime import PipelineRuntime
+from streamml.agents.runtime import PipelineRuntime, run_step
 from streamml.streams.topics import dumps, loads, table_name
 
 MINUTE_MS = 60_000
@@ -31,7 +30,6 @@ def register(
 ) -> tuple[TableT[str, Any], LearnHook]:
     """Register the learn agent; return the early-label table and the learn step for score."""
     name = rt.name
-    tel = rt.telemetry
     labels = app.topic(rt.topics["labels"], value_serializer="raw", key_serializer="raw")
     metrics_topic = app.topic(rt.topics["metrics"], value_serializer="raw", key_serializer="raw")
     early = app.Table(table_name(name, "early-labels"), default=dict, partitions=rt.partitions)
@@ -91,34 +89,26 @@ def register(
 
     @app.agent(labels, name=f"{name}.learn")
     async def learn(stream: faust.StreamT[Any]) -> None:
-        # One event at a time: batching with take_events() lost records (see
-        # docs/architecture.md); the accounting tests hold with this.
-        async for event in stream.events():
-            message = event.message
-            t0 = time.perf_counter()
-            context = telemetry.extract(message.headers)
-            with tel.tracer.start_as_current_span(f"{name}.learn", context=context):
-                await handle(message)
-            tel.count(name, "learn", "ok")
-            tel.observe(name, "learn", (time.perf_counter() - t0) * 1000)
+        await run_step(stream, rt, "learn", handle)
 
-    async def handle(message: Any) -> None:
+    async def handle(message: Any) -> str | None:
         try:
             value = loads(message.value)
             event_id = str(value["event_id"])
             label = value[label_field] if label_field in value else value["label"]
         except (ValueError, KeyError, TypeError):
             rt.counters["labels_malformed"] += 1
-            return
+            return "malformed"
         key = event_id
         # not .get(): a faust table's get() returns the default, not None
         stored = joins[key] if key in joins else None  # noqa: SIM401
         if stored is None:  # the score step learns it when the features arrive
             early[key] = {"label": label, "stored_ms": int(time.time() * 1000)}
             rt.counters["labels_early"] += 1
-            return
+            return "early"
         del joins[key]
         await learn_one(message.partition, event_id, label, stored)
+        return "learned"
 
     @app.timer(interval=5.0, name=f"{name}.metrics")  # type: ignore[untyped-decorator]
     async def flush_metrics() -> None:

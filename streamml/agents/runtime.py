@@ -9,10 +9,13 @@ restarted worker, or the worker a partition moves to, resumes them.
 from __future__ import annotations
 
 import base64
+import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamml import telemetry
 from streamml.models.features import Featurizer, GlobalState
 from streamml.models.online import OnlineLearner
 from streamml.schemas.spec import PipelineSpec
@@ -67,3 +70,25 @@ class PipelineRuntime:
         for p in partitions:
             self.learners.pop(p, None)
             self.feature_states.pop(p, None)
+
+
+Handler = Callable[[Any], Awaitable[str | None]]
+
+
+async def run_step(stream: Any, rt: PipelineRuntime, step: str, handle: Handler) -> None:
+    """Feed a Faust stream to ``handle`` one event at a time, each in its own span
+    (continuing the trace in the record's headers), counted and timed per outcome.
+
+    One event at a time: batching with take_events() lost records (docs/architecture.md);
+    the accounting tests hold with this."""
+    tel = rt.telemetry
+    span_name = f"{rt.name}.{step}"
+    async for event in stream.events():
+        message = event.message
+        t0 = time.perf_counter()
+        with tel.tracer.start_as_current_span(
+            span_name, context=telemetry.extract(message.headers)
+        ):
+            outcome = await handle(message)
+        tel.count(rt.name, step, outcome or "ok")
+        tel.observe(rt.name, step, (time.perf_counter() - t0) * 1000)

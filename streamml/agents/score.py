@@ -14,7 +14,7 @@ from faust.types import TableT
 
 from streamml import telemetry
 from streamml.agents.learn import LearnHook
-from streamml.agents.runtime import PipelineRuntime
+from streamml.agents.runtime import PipelineRuntime, run_step
 from streamml.streams.topics import dumps, loads
 
 
@@ -27,24 +27,14 @@ def register(
     learn_one: LearnHook,
 ) -> None:
     name = rt.name
-    tel = rt.telemetry
     features = app.topic(rt.topics["features"], value_serializer="raw", key_serializer="raw")
     predictions = app.topic(rt.topics["predictions"], value_serializer="raw", key_serializer="raw")
 
     @app.agent(features, name=f"{name}.score")
     async def score(stream: faust.StreamT[Any]) -> None:
-        # One event at a time: batching with take_events() lost records (see
-        # docs/architecture.md); the accounting tests hold with this.
-        async for event in stream.events():
-            message = event.message
-            t0 = time.perf_counter()
-            context = telemetry.extract(message.headers)
-            with tel.tracer.start_as_current_span(f"{name}.score", context=context):
-                await handle(message)
-            tel.count(name, "score", "ok")
-            tel.observe(name, "score", (time.perf_counter() - t0) * 1000)
+        await run_step(stream, rt, "score", handle)
 
-    async def handle(message: Any) -> None:
+    async def handle(message: Any) -> str | None:
         record = loads(message.value)
         partition = message.partition
         learner = rt.learner(partition, models.get(str(partition)))
@@ -90,3 +80,4 @@ def register(
             ),
             headers=telemetry.inject(),
         )
+        return "ok"
