@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -111,9 +110,3 @@ def prometheus_text() -> tuple[bytes, str]:
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-def header_list(headers: Any) -> list[tuple[str, bytes]]:
-    if isinstance(headers, dict):
-        return list(headers.items())
-    return list(headers or ())

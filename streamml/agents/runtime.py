@@ -33,7 +33,6 @@ class PipelineRuntime:
     learners: dict[int, OnlineLearner] = field(default_factory=dict)
     feature_states: dict[int, GlobalState] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
-    latencies_ms: list[float] = field(default_factory=list)
 
     @classmethod
     def from_spec(
@@ -64,12 +63,6 @@ class PipelineRuntime:
             state = GlobalState(dict(snapshot) if isinstance(snapshot, dict) else None)
             self.feature_states[partition] = state
         return state
-
-    def forget(self, partitions: set[int]) -> None:
-        """Drop in-memory state of partitions this worker no longer owns."""
-        for p in partitions:
-            self.learners.pop(p, None)
-            self.feature_states.pop(p, None)
 
 
 Handler = Callable[[Any], Awaitable[str | None]]
