@@ -58,7 +58,7 @@ def register(app: faust.App, rt: PipelineRuntime) -> None:
             )
             return "dead_letter"
         partition = message.partition
-        state = rt.feature_state(partition, stats.get(str(partition)))
+        state = rt.feature_state(partition, lambda: stats.get(str(partition)))
         entity_key = result.entity_key or result.event_id
         window_state: dict[str, Any] = (
             dict(entities[entity_key]) if rt.featurizer.needs_entity_state else {}

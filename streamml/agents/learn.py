@@ -11,15 +11,26 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import faust
 from faust.types import TableT
 
 from streamml.agents.runtime import PipelineRuntime, run_step
+from streamml.models.online import coerce_label, metric_values, new_metrics
 from streamml.streams.topics import dumps, loads, table_name
 
 MINUTE_MS = 60_000
+
+
+@dataclass
+class _Window:
+    """One partition's metrics over the labels of one wall-clock minute."""
+
+    start: int
+    metrics: dict[str, Any]
+    n: int = 0
 
 
 LearnHook = Callable[[int, str, Any, dict[str, Any]], Awaitable[None]]
@@ -38,39 +49,30 @@ def register(
     every = rt.spec.online_model.snapshot_every
     interval_s = rt.spec.online_model.snapshot_interval_s
     snapshot_at: dict[int, float] = {}
-    minute: dict[int, tuple[int, Any]] = {}  # partition -> (window start, per-minute metrics)
+    minute: dict[int, _Window] = {}  # partition -> the open minute's metrics
 
     async def learn_one(partition: int, event_id: str, label: Any, stored: dict[str, Any]) -> None:
-        from streamml.models.online import new_metrics
-
-        learner = rt.learner(partition, models.get(str(partition)))
-        x = stored["features"]
-        before = learner.learn(x, label)
+        learner = rt.learner(partition, lambda: models.get(str(partition)))
+        before = learner.learn(stored["features"], label)
         rt.counters["learned"] += 1
         now_ms = int(time.time() * 1000)
         start = now_ms - now_ms % MINUTE_MS
-        window_start, window_metrics = minute.get(partition, (start, None))
-        if window_metrics is None or window_start != start:
-            if window_metrics is not None and window_metrics.get("n"):  # the minute's last word
-                await emit_metrics(partition, learner.version, window_start, window_metrics)
-            window_start, window_metrics = start, new_metrics(rt.spec)
-            minute[partition] = (window_start, window_metrics)
-        _update(window_metrics, learner, before, label)
+        window = minute.get(partition)
+        if window is None or window.start != start:
+            if window is not None and window.n:  # the closing minute's last word
+                await emit_metrics(partition, learner.version, window)
+            window = minute[partition] = _Window(start, new_metrics(rt.spec))
+        learner.score_into(window.metrics, before, coerce_label(label, learner.classification))
+        window.n += 1
         last = snapshot_at.get(partition, 0.0)
         if learner.learned % every == 0 or time.monotonic() - last >= interval_s:
             models[str(partition)] = base64.b64encode(learner.snapshot()).decode()
             snapshot_at[partition] = time.monotonic()
-        n = int(window_metrics.get("n", 0))
-        window_metrics["n"] = n + 1
-        if (n + 1) % 50 == 0:
-            await emit_metrics(partition, learner.version, window_start, window_metrics)
+        if window.n % 50 == 0:
+            await emit_metrics(partition, learner.version, window)
 
-    async def emit_metrics(
-        partition: int, version: str, start: int, window: dict[str, Any]
-    ) -> None:
-        for metric_name, metric in window.items():
-            if metric_name == "n":
-                continue
+    async def emit_metrics(partition: int, version: str, window: _Window) -> None:
+        for metric_name, value in metric_values(window.metrics).items():
             await metrics_topic.send(
                 key=f"{name}:{partition}".encode(),
                 value=dumps(
@@ -79,10 +81,10 @@ def register(
                         "model_version": version,
                         "role": "champion",
                         "metric": metric_name,
-                        "window_start_ms": start,
+                        "window_start_ms": window.start,
                         "partition": partition,
-                        "value": _finite(metric.get()),
-                        "n": window["n"],
+                        "value": value,
+                        "n": window.n,
                     }
                 ),
             )
@@ -113,10 +115,10 @@ def register(
     @app.timer(interval=5.0, name=f"{name}.metrics")  # type: ignore[untyped-decorator]
     async def flush_metrics() -> None:
         """The open minute's metrics, so dashboards do not wait for the minute to end."""
-        for partition, (start, window) in list(minute.items()):
+        for partition, window in list(minute.items()):
             learner = rt.learners.get(partition)
-            if window is not None and window.get("n") and learner is not None:
-                await emit_metrics(partition, learner.version, start, window)
+            if window.n and learner is not None:
+                await emit_metrics(partition, learner.version, window)
 
     @app.timer(  # type: ignore[untyped-decorator]
         interval=max(1.0, rt.spec.label.ttl_s / 10), name=f"{name}.expire"
@@ -130,28 +132,3 @@ def register(
                     rt.counters[counter] += 1
 
     return early, learn_one
-
-
-def _update(window: dict[str, Any], learner: Any, before: Any, label: Any) -> None:
-    """Update the per-minute metrics with the prediction made just before learning."""
-    from streamml.models.online import _is_positive, _like, coerce_label
-
-    target = coerce_label(label, learner.classification)
-    for metric_name, metric in window.items():
-        if metric_name == "n":
-            continue
-        if not learner.classification:
-            metric.update(target, before.score)
-        elif metric_name == "roc_auc":
-            metric.update(
-                _is_positive(target, learner.positive),
-                {True: before.score, False: 1 - before.score},
-            )
-        elif before.predicted_class:
-            metric.update(target, _like(before.predicted_class, target))
-
-
-def _finite(value: float) -> float:
-    import math
-
-    return float(value) if math.isfinite(value) else 0.0

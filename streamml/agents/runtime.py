@@ -45,10 +45,11 @@ class PipelineRuntime:
     def name(self) -> str:
         return self.spec.name
 
-    def learner(self, partition: int, snapshot: Any = None) -> OnlineLearner:
-        """The partition's online model, restored from its snapshot the first time."""
+    def learner(self, partition: int, load: Callable[[], Any]) -> OnlineLearner:
+        """The partition's online model; ``load`` reads its snapshot, only the first time."""
         learner = self.learners.get(partition)
         if learner is None:
+            snapshot = load()
             if isinstance(snapshot, str) and snapshot:
                 learner = OnlineLearner.restore(self.spec, base64.b64decode(snapshot))
                 self.counters["model_restored"] += 1
@@ -57,9 +58,11 @@ class PipelineRuntime:
             self.learners[partition] = learner
         return learner
 
-    def feature_state(self, partition: int, snapshot: Any = None) -> GlobalState:
+    def feature_state(self, partition: int, load: Callable[[], Any]) -> GlobalState:
+        """The partition's running statistics; ``load`` reads its snapshot the first time."""
         state = self.feature_states.get(partition)
         if state is None:
+            snapshot = load()
             state = GlobalState(dict(snapshot) if isinstance(snapshot, dict) else None)
             self.feature_states[partition] = state
         return state

@@ -37,7 +37,7 @@ def register(
     async def handle(message: Any) -> str | None:
         record = loads(message.value)
         partition = message.partition
-        learner = rt.learner(partition, models.get(str(partition)))
+        learner = rt.learner(partition, lambda: models.get(str(partition)))
         t0 = time.perf_counter()
         prediction = learner.predict(record["features"])
         latency_ms = (time.perf_counter() - t0) * 1000

@@ -70,29 +70,30 @@ class OnlineLearner:
         """Prequential step: predict ``x``, score it against ``y``, then learn from it."""
         before = self.predict(x)
         target = coerce_label(y, self.classification)
-        if self.classification:
-            predicted = _like(before.predicted_class, target) if before.predicted_class else None
-            for name, metric in self.metrics.items():
-                if name == "roc_auc":
-                    metric.update(
-                        _is_positive(target, self.positive),
-                        {True: before.score, False: 1 - before.score},
-                    )
-                elif predicted is not None:
-                    metric.update(target, predicted)
-        else:
-            for metric in self.metrics.values():
-                metric.update(target, before.score)
+        self.score_into(self.metrics, before, target)
         self.model.learn_one(x, target)
         self.learned += 1
         return before
 
+    def score_into(self, metrics: dict[str, Any], before: Prediction, target: Any) -> None:
+        """Update ``metrics`` (e.g. this learner's, or one minute's) with a prediction made
+        before learning ``target`` (already coerced by :func:`coerce_label`)."""
+        if not self.classification:
+            for metric in metrics.values():
+                metric.update(target, before.score)
+            return
+        predicted = _like(before.predicted_class, target) if before.predicted_class else None
+        for name, metric in metrics.items():
+            if name == "roc_auc":
+                metric.update(
+                    _is_positive(target, self.positive),
+                    {True: before.score, False: 1 - before.score},
+                )
+            elif predicted is not None:
+                metric.update(target, predicted)
+
     def metric_values(self) -> dict[str, float]:
-        values = {}
-        for name, metric in self.metrics.items():
-            value = float(metric.get())
-            values[name] = value if math.isfinite(value) else 0.0
-        return values
+        return metric_values(self.metrics)
 
     def snapshot(self) -> bytes:
         return pickle.dumps({"model": self.model, "learned": self.learned, "metrics": self.metrics})
@@ -103,6 +104,15 @@ class OnlineLearner:
         learner = cls(spec, state["model"], state["learned"])
         learner.metrics = state["metrics"]
         return learner
+
+
+def metric_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """Current values, with NaN/inf (e.g. AUC before both classes were seen) as 0."""
+    values = {}
+    for name, metric in metrics.items():
+        value = float(metric.get())
+        values[name] = value if math.isfinite(value) else 0.0
+    return values
 
 
 def new_metrics(spec: PipelineSpec) -> dict[str, Any]:
