@@ -81,3 +81,23 @@ class WarehouseLockedError(WarehouseError):
 
 class MigrationError(WarehouseError):
     """A schema migration failed or an applied migration was edited."""
+
+
+class ModelError(StreamMLError, RuntimeError):
+    """Batch training, evaluation or export of a model failed."""
+
+
+class TrainingError(ModelError):
+    """Training could not run: too little data, a single class, a bad window."""
+
+
+class OnnxParityError(ModelError):
+    """The exported ONNX model does not reproduce the torch model within tolerance."""
+
+
+class RegistryError(StreamMLError, RuntimeError):
+    """The model registry refused an operation (unknown version, bad stage change)."""
+
+
+class ArtifactIntegrityError(RegistryError):
+    """A model artifact failed its checksum or feature-list check; it is not loaded."""
