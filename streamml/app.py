@@ -18,12 +18,11 @@ import faust
 from faust.web import Request, Response, View
 
 from streamml import telemetry
-from streamml.agents import ingest, learn, score
+from streamml.agents.engine import PipelineEngine
 from streamml.agents.runtime import PipelineRuntime
 from streamml.config import Settings
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.sink import WarehouseSink
-from streamml.streams.topics import table_name
 from streamml.streams.warehouse import Warehouse
 
 
@@ -56,15 +55,12 @@ def create_app(
     started = time.time()
     tel = telemetry.setup(settings)
     runtimes = {
-        spec.name: PipelineRuntime.from_spec(spec, settings.topic_partitions, tel) for spec in specs
+        spec.name: PipelineRuntime.from_spec(spec, settings.app_id, settings.topic_partitions, tel)
+        for spec in specs
     }
-    for rt in runtimes.values():
-        partitions = rt.partitions
-        joins = app.Table(table_name(rt.name, "joins"), default=dict, partitions=partitions)
-        models = app.Table(table_name(rt.name, "online-model"), default=str, partitions=partitions)
-        ingest.register(app, rt)
-        early, learn_one = learn.register(app, rt, joins, models)
-        score.register(app, rt, joins, models, early, learn_one)
+    engines = [PipelineEngine(settings, rt) for rt in runtimes.values()]
+    for engine in engines:
+        app.task(engine.run)
     state: dict[str, Any] = {"warehouse": None, "sink": None}
 
     if with_sink and specs:
@@ -81,9 +77,8 @@ def create_app(
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request, **_: Any) -> Response:
-            # Ready once partitions are assigned and table state is recovered.
-            tables: Any = app.tables  # the concrete TableManager has .recovery
-            ready = tables.recovery.completed.is_set() and not app.rebalancing
+            # Ready once every pipeline has its partitions and their state read back.
+            ready = all(engine.ready.is_set() for engine in engines)
             sink_wanted = with_sink and bool(specs)
             ready = ready and (state["sink"] is not None or not sink_wanted)
             return self.json(
@@ -92,7 +87,7 @@ def create_app(
                     "app_id": settings.app_id,
                     "bootstrap": settings.bootstrap_servers,
                     "uptime_s": round(time.time() - started, 3),
-                    "assigned_partitions": len(app.consumer.assignment()),
+                    "assigned_partitions": {e.rt.name: sorted(e.rt.states) for e in engines},
                     "pipelines": sorted(runtimes),
                 },
                 status=200 if ready else 503,

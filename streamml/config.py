@@ -185,6 +185,31 @@ class Settings(BaseSettings):
         default=Path("pipelines"),
         description="STREAMML_PIPELINES_DIR: folder of pipeline specs (<name>.yaml).",
     )
+    batch_max_records: int = Field(
+        default=2000,
+        ge=1,
+        description=(
+            "STREAMML_BATCH_MAX_RECORDS: most raw records and labels a worker takes from "
+            "Kafka and processes as one batch."
+        ),
+    )
+    fetch_max_wait_ms: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description=(
+            "STREAMML_FETCH_MAX_WAIT_MS: how long the broker may hold a fetch for more data; "
+            "lower means lower latency at low rates."
+        ),
+    )
+    commit_interval_ms: int = Field(
+        default=200,
+        ge=0,
+        description=(
+            "STREAMML_COMMIT_INTERVAL_MS: commit input offsets at most this often (always "
+            "after the batch's outputs are acknowledged, and on shutdown or rebalance)."
+        ),
+    )
     sink_max_rows: int = Field(
         default=10_000,
         ge=1,

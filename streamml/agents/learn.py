@@ -1,134 +1,137 @@
-"""learn: ``<p>.labels`` join the stored features by event_id -> learn_one + metrics.
+"""learn: a ``<p>.labels`` record joins its stored features by event_id -> learn_one + metrics.
 
 Labels are keyed like the raw records (entity key, or event_id when the spec has no
 entity key), so they arrive in the partition that scored their event. A label whose
 features are not there yet waits (early label); features whose label never comes, and
-early labels whose event never comes, expire after ``label.ttl_s``. Every case is counted.
+early labels whose event never comes, expire after ``label.ttl_s``. Every case is
+counted. Prequential metrics go to ``<p>.metrics`` per partition and wall-clock minute.
 """
 
 from __future__ import annotations
 
-import base64
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-import faust
-from faust.types import TableT
+from aiokafka import ConsumerRecord
 
-from streamml.agents.runtime import PipelineRuntime, run_step
+from streamml.agents.runtime import (
+    EARLY,
+    JOIN,
+    MODEL,
+    MinuteMetrics,
+    PartitionState,
+    PipelineRuntime,
+)
 from streamml.models.online import coerce_label, metric_values, new_metrics
-from streamml.streams.topics import dumps, loads, table_name
+from streamml.streams.outbox import Outbox
+from streamml.streams.topics import dumps, loads
 
 MINUTE_MS = 60_000
+METRICS_EVERY_LABELS = 50
+METRICS_EVERY_S = 5.0
 
 
-@dataclass
-class _Window:
-    """One partition's metrics over the labels of one wall-clock minute."""
-
-    start: int
-    metrics: dict[str, Any]
-    n: int = 0
-
-
-LearnHook = Callable[[int, str, Any, dict[str, Any]], Awaitable[None]]
-
-
-def register(
-    app: faust.App, rt: PipelineRuntime, joins: TableT[str, Any], models: TableT[str, Any]
-) -> tuple[TableT[str, Any], LearnHook]:
-    """Register the learn agent; return the early-label table and the learn step for score."""
-    name = rt.name
-    labels = app.topic(rt.topics["labels"], value_serializer="raw", key_serializer="raw")
-    metrics_topic = app.topic(rt.topics["metrics"], value_serializer="raw", key_serializer="raw")
-    early = app.Table(table_name(name, "early-labels"), default=dict, partitions=rt.partitions)
+def on_label(
+    rt: PipelineRuntime, state: PartitionState, message: ConsumerRecord[bytes, bytes], out: Outbox
+) -> str:
+    """Handle one label record; returns its outcome (learned, early or malformed)."""
     label_field = rt.spec.label.field
-    ttl_ms = rt.spec.label.ttl_s * 1000
-    every = rt.spec.online_model.snapshot_every
-    interval_s = rt.spec.online_model.snapshot_interval_s
-    snapshot_at: dict[int, float] = {}
-    minute: dict[int, _Window] = {}  # partition -> the open minute's metrics
+    try:
+        value = loads(message.value or b"")
+        event_id = str(value["event_id"])
+        label = value[label_field] if label_field in value else value["label"]
+    except (ValueError, KeyError, TypeError):
+        rt.counters["labels_malformed"] += 1
+        return "malformed"
+    stored = state.joins.pop(event_id, None)
+    ident = event_id.encode()
+    if stored is None:  # the score step learns it when the features arrive
+        state.early[event_id] = (int(time.time() * 1000), label)
+        out.add(rt.topics["state"], state.partition, EARLY + ident, dumps({"label": label}))
+        rt.counters["labels_early"] += 1
+        return "early"
+    out.add(rt.topics["state"], state.partition, JOIN + ident, None)
+    learn_one(rt, state, stored[1], label, out)
+    return "learned"
 
-    async def learn_one(partition: int, event_id: str, label: Any, stored: dict[str, Any]) -> None:
-        learner = rt.learner(partition, lambda: models.get(str(partition)))
-        before = learner.learn(stored["features"], label)
-        rt.counters["learned"] += 1
-        now_ms = int(time.time() * 1000)
-        start = now_ms - now_ms % MINUTE_MS
-        window = minute.get(partition)
-        if window is None or window.start != start:
-            if window is not None and window.n:  # the closing minute's last word
-                await emit_metrics(partition, learner.version, window)
-            window = minute[partition] = _Window(start, new_metrics(rt.spec))
-        learner.score_into(window.metrics, before, coerce_label(label, learner.classification))
-        window.n += 1
-        last = snapshot_at.get(partition, 0.0)
-        if learner.learned % every == 0 or time.monotonic() - last >= interval_s:
-            models[str(partition)] = base64.b64encode(learner.snapshot()).decode()
-            snapshot_at[partition] = time.monotonic()
-        if window.n % 50 == 0:
-            await emit_metrics(partition, learner.version, window)
 
-    async def emit_metrics(partition: int, version: str, window: _Window) -> None:
-        for metric_name, value in metric_values(window.metrics).items():
-            await metrics_topic.send(
-                key=f"{name}:{partition}".encode(),
-                value=dumps(
-                    {
-                        "pipeline": name,
-                        "model_version": version,
-                        "role": "champion",
-                        "metric": metric_name,
-                        "window_start_ms": window.start,
-                        "partition": partition,
-                        "value": value,
-                        "n": window.n,
-                    }
-                ),
-            )
+def learn_one(
+    rt: PipelineRuntime, state: PartitionState, features: dict[str, float], label: Any, out: Outbox
+) -> None:
+    """Test-then-train on one labelled event, and account it in the open minute."""
+    learner = state.learner
+    before = learner.learn(features, label)
+    rt.counters["learned"] += 1
+    now_ms = int(time.time() * 1000)
+    start = now_ms - now_ms % MINUTE_MS
+    window = state.minute
+    if window is None or window.start_ms != start:
+        if window is not None and window.n:  # the closing minute's last word
+            emit_metrics(rt, state, window, out)
+        window = state.minute = MinuteMetrics(start, new_metrics(rt.spec))
+    learner.score_into(window.metrics, before, coerce_label(label, learner.classification))
+    window.n += 1
+    if learner.learned % rt.spec.online_model.snapshot_every == 0:
+        snapshot(rt, state, out)
+    if window.n % METRICS_EVERY_LABELS == 0:
+        emit_metrics(rt, state, window, out)
 
-    @app.agent(labels, name=f"{name}.learn")
-    async def learn(stream: faust.StreamT[Any]) -> None:
-        await run_step(stream, rt, "learn", handle)
 
-    async def handle(message: Any) -> str | None:
-        try:
-            value = loads(message.value)
-            event_id = str(value["event_id"])
-            label = value[label_field] if label_field in value else value["label"]
-        except (ValueError, KeyError, TypeError):
-            rt.counters["labels_malformed"] += 1
-            return "malformed"
-        key = event_id
-        # not .get(): a faust table's get() returns the default, not None
-        stored = joins[key] if key in joins else None  # noqa: SIM401
-        if stored is None:  # the score step learns it when the features arrive
-            early[key] = {"label": label, "stored_ms": int(time.time() * 1000)}
-            rt.counters["labels_early"] += 1
-            return "early"
-        del joins[key]
-        await learn_one(message.partition, event_id, label, stored)
-        return "learned"
+def snapshot(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> None:
+    """Log the partition's online model, so its next owner resumes it."""
+    out.add(rt.topics["state"], state.partition, MODEL, state.learner.snapshot())
+    state.snapshot_at = time.monotonic()
+    state.snapshot_learned = state.learner.learned
 
-    @app.timer(interval=5.0, name=f"{name}.metrics")  # type: ignore[untyped-decorator]
-    async def flush_metrics() -> None:
-        """The open minute's metrics, so dashboards do not wait for the minute to end."""
-        for partition, window in list(minute.items()):
-            learner = rt.learners.get(partition)
-            if window.n and learner is not None:
-                await emit_metrics(partition, learner.version, window)
 
-    @app.timer(  # type: ignore[untyped-decorator]
-        interval=max(1.0, rt.spec.label.ttl_s / 10), name=f"{name}.expire"
-    )
-    async def expire() -> None:
-        now_ms = time.time() * 1000
-        for table, counter in ((joins, "features_expired"), (early, "labels_expired")):
-            for key, value in list(table.items()):
-                if now_ms - float(value.get("stored_ms", now_ms)) > ttl_ms:
-                    table.pop(key, None)
-                    rt.counters[counter] += 1
+def emit_metrics(
+    rt: PipelineRuntime, state: PartitionState, window: MinuteMetrics, out: Outbox
+) -> None:
+    state.metrics_sent_at = time.monotonic()
+    for metric_name, value in metric_values(window.metrics).items():
+        out.add(
+            rt.topics["metrics"],
+            state.partition,
+            f"{rt.name}:{state.partition}".encode(),
+            dumps(
+                {
+                    "pipeline": rt.name,
+                    "model_version": state.learner.version,
+                    "role": "champion",
+                    "metric": metric_name,
+                    "window_start_ms": window.start_ms,
+                    "partition": state.partition,
+                    "value": value,
+                    "n": window.n,
+                }
+            ),
+        )
 
-    return early, learn_one
+
+def housekeeping(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> None:
+    """Timed duties between batches: the open minute's metrics every few seconds (so
+    dashboards do not wait for the minute to end), model snapshots every
+    ``snapshot_interval_s``, and expiry of joins and early labels past ``label.ttl_s``."""
+    now = time.monotonic()
+    window = state.minute
+    if window is not None and window.n and now - state.metrics_sent_at >= METRICS_EVERY_S:
+        emit_metrics(rt, state, window, out)
+    learned = state.learner.learned
+    if learned != state.snapshot_learned and (
+        now - state.snapshot_at >= rt.spec.online_model.snapshot_interval_s
+    ):
+        snapshot(rt, state, out)
+    cutoff_ms = time.time() * 1000 - rt.spec.label.ttl_s * 1000
+    for kind, table, counter in (
+        (JOIN, state.joins, "features_expired"),
+        (EARLY, state.early, "labels_expired"),
+    ):
+        expired = []
+        for k, (stored_ms, _) in table.items():  # insertion order is arrival order
+            if stored_ms >= cutoff_ms:
+                break
+            expired.append(k)
+        for k in expired:
+            del table[k]
+            out.add(rt.topics["state"], state.partition, kind + k.encode(), None)
+        rt.counters[counter] += len(expired)

@@ -1,26 +1,81 @@
-"""Per-pipeline state shared by the agents of one worker: spec, featurizer, online models.
+"""Per-pipeline and per-partition state of one worker, and how it is logged to Kafka.
 
-Each source partition has its own online model (labels are keyed like raw records, so a
-partition's features and labels meet in the same worker); the model and the
-featurizer's running statistics are snapshotted to changelogged Faust tables, so a
-restarted worker, or the worker a partition moves to, resumes them.
+Each source partition owns its state: the entity windows, the featurizer's running
+statistics, its online model, the features waiting for their label (joins) and the labels
+that came before their event (early). Raw records and labels are keyed alike, so a
+partition's events and labels meet in the worker that owns the partition.
+
+Every change is also written to the pipeline's compacted state changelog
+(``<app_id>-<pipeline>-state``, partitioned like the raw topic) under one of the keys
+below, so the worker a partition moves to, or a restarted one, rebuilds it
+(:meth:`PartitionState.restore`).
 """
 
 from __future__ import annotations
 
-import base64
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamml import telemetry
+import orjson
+
 from streamml.models.features import Featurizer, GlobalState
 from streamml.models.online import OnlineLearner
 from streamml.schemas.spec import PipelineSpec
-from streamml.streams.topics import pipeline_topics
+from streamml.streams.topics import pipeline_topics, state_topic
 from streamml.telemetry import Telemetry
+
+# Changelog keys: a one-letter kind, a colon, then the entity or event id.
+WINDOW, JOIN, EARLY = b"w:", b"j:", b"e:"
+STATS, MODEL = b"s:", b"m:"
+
+
+@dataclass
+class MinuteMetrics:
+    """One partition's prequential metrics over the labels of one wall-clock minute."""
+
+    start_ms: int
+    metrics: dict[str, Any]
+    n: int = 0
+
+
+@dataclass
+class PartitionState:
+    partition: int
+    learner: OnlineLearner
+    stats: GlobalState
+    windows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # event_id -> (stored at, ms; features)
+    joins: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    # event_id -> (stored at, ms; label)
+    early: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    dirty_windows: set[str] = field(default_factory=set)
+    stats_dirty: bool = False
+    minute: MinuteMetrics | None = None
+    snapshot_at: float = field(default_factory=time.monotonic)
+    snapshot_learned: int = 0
+    metrics_sent_at: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def restore(
+        cls, spec: PipelineSpec, partition: int, log: dict[bytes, tuple[bytes, int]]
+    ) -> PartitionState:
+        """Rebuild a partition from the latest changelog value of each key."""
+        model = log.get(MODEL)
+        learner = OnlineLearner.restore(spec, model[0]) if model else OnlineLearner(spec)
+        stats = log.get(STATS)
+        state = cls(partition, learner, GlobalState(orjson.loads(stats[0]) if stats else None))
+        state.snapshot_learned = learner.learned
+        for key, (value, ts_ms) in log.items():
+            kind, ident = key[:2], key[2:].decode("utf-8")
+            if kind == WINDOW:
+                state.windows[ident] = orjson.loads(value)
+            elif kind == JOIN:
+                state.joins[ident] = (ts_ms, orjson.loads(value)["features"])
+            elif kind == EARLY:
+                state.early[ident] = (ts_ms, orjson.loads(value)["label"])
+        return state
 
 
 @dataclass
@@ -30,61 +85,21 @@ class PipelineRuntime:
     topics: dict[str, str]
     partitions: int
     telemetry: Telemetry
-    learners: dict[int, OnlineLearner] = field(default_factory=dict)
-    feature_states: dict[int, GlobalState] = field(default_factory=dict)
+    states: dict[int, PartitionState] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def from_spec(
-        cls, spec: PipelineSpec, default_partitions: int, telemetry: Telemetry
+        cls, spec: PipelineSpec, app_id: str, default_partitions: int, telemetry: Telemetry
     ) -> PipelineRuntime:
         partitions = spec.topics.partitions or default_partitions
-        return cls(spec, Featurizer(spec), pipeline_topics(spec), partitions, telemetry)
+        topics = {**pipeline_topics(spec), "state": state_topic(app_id, spec)}
+        return cls(spec, Featurizer(spec), topics, partitions, telemetry)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def learner(self, partition: int, load: Callable[[], Any]) -> OnlineLearner:
-        """The partition's online model; ``load`` reads its snapshot, only the first time."""
-        learner = self.learners.get(partition)
-        if learner is None:
-            snapshot = load()
-            if isinstance(snapshot, str) and snapshot:
-                learner = OnlineLearner.restore(self.spec, base64.b64decode(snapshot))
-                self.counters["model_restored"] += 1
-            else:
-                learner = OnlineLearner(self.spec)
-            self.learners[partition] = learner
-        return learner
-
-    def feature_state(self, partition: int, load: Callable[[], Any]) -> GlobalState:
-        """The partition's running statistics; ``load`` reads its snapshot the first time."""
-        state = self.feature_states.get(partition)
-        if state is None:
-            snapshot = load()
-            state = GlobalState(dict(snapshot) if isinstance(snapshot, dict) else None)
-            self.feature_states[partition] = state
-        return state
-
-
-Handler = Callable[[Any], Awaitable[str | None]]
-
-
-async def run_step(stream: Any, rt: PipelineRuntime, step: str, handle: Handler) -> None:
-    """Feed a Faust stream to ``handle`` one event at a time, each in its own span
-    (continuing the trace in the record's headers), counted and timed per outcome.
-
-    One event at a time: batching with take_events() lost records (docs/architecture.md);
-    the accounting tests hold with this."""
-    tel = rt.telemetry
-    span_name = f"{rt.name}.{step}"
-    async for event in stream.events():
-        message = event.message
-        t0 = time.perf_counter()
-        with tel.tracer.start_as_current_span(
-            span_name, context=telemetry.extract(message.headers)
-        ):
-            outcome = await handle(message)
-        tel.count(rt.name, step, outcome or "ok")
-        tel.observe(rt.name, step, (time.perf_counter() - t0) * 1000)
+    @property
+    def learners(self) -> dict[int, OnlineLearner]:
+        return {p: s.learner for p, s in sorted(self.states.items())}

@@ -159,6 +159,7 @@ class Featurizer:
         self.features: list[FeatureSpec] = list(spec.features)
         self._select = set(spec.select) if spec.select is not None else None
         self._exclude = set(spec.exclude)
+        self._keep: dict[str, bool] = {}
 
     @property
     def needs_entity_state(self) -> bool:
@@ -218,18 +219,24 @@ class Featurizer:
 
     def select(self, vector: Vector) -> Vector:
         """Feature selection: keep ``select`` (names or their expansions), drop ``exclude``."""
+        keep = self._keep
+        out: Vector = {}
+        for k, v in vector.items():
+            kept = keep.get(k)
+            if kept is None:  # decided once per key: the keys of a spec are a small set
+                kept = keep[k] = (
+                    self._select is None or _matches(k, self._select)
+                ) and not _matches(k, self._exclude)
+            if kept:
+                out[k] = v
+        return out
 
-        def matches(key: str, names: set[str]) -> bool:
-            # a name also selects its expansions: name=cat, name#bucket, name_<agg>
-            for n in names:
-                if key == n or key.startswith((n + "=", n + "#")):
-                    return True
-                if key.startswith(n + "_") and key[len(n) + 1 :] in EXPANSION_SUFFIXES:
-                    return True
-            return False
 
-        return {
-            k: v
-            for k, v in vector.items()
-            if (self._select is None or matches(k, self._select)) and not matches(k, self._exclude)
-        }
+def _matches(key: str, names: set[str]) -> bool:
+    """Does ``key`` name one of ``names`` or an expansion (name=cat, name#bucket, name_<agg>)?"""
+    for n in names:
+        if key == n or key.startswith((n + "=", n + "#")):
+            return True
+        if key.startswith(n + "_") and key[len(n) + 1 :] in EXPANSION_SUFFIXES:
+            return True
+    return False

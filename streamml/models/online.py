@@ -50,10 +50,7 @@ class OnlineLearner:
         self.classification = spec.task == "classification"
         self.positive = spec.label.positive
         self.positive_key = str(_pos_label(spec.label.positive))
-
-    @property
-    def version(self) -> str:
-        return f"online-{self.spec.spec_hash[:8]}"
+        self.version = f"online-{spec.spec_hash[:8]}"  # hashing the spec per call is slow
 
     def predict(self, x: dict[str, float]) -> Prediction:
         if not self.classification:

@@ -224,7 +224,7 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
 async def ensure_pipeline_topics(settings: Settings, specs: Iterable[PipelineSpec]) -> list[str]:
     """Create every topic of these pipelines, all with the pipeline's partition count
     (co-partitioning: raw, features, predictions and labels of a key meet in one worker)."""
-    from streamml.streams.topics import CONTROL_TOPIC, changelog_topics, pipeline_topics
+    from streamml.streams.topics import CONTROL_TOPIC, pipeline_topics, state_topic
 
     created: list[str] = []
     for spec in specs:
@@ -232,7 +232,7 @@ async def ensure_pipeline_topics(settings: Settings, specs: Iterable[PipelineSpe
         created += await ensure_topics(settings, pipeline_topics(spec).values(), partitions)
         created += await ensure_topics(
             settings,
-            changelog_topics(settings.app_id, spec),
+            [state_topic(settings.app_id, spec)],
             partitions,
             config={"cleanup.policy": "compact"},
         )

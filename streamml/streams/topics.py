@@ -24,16 +24,7 @@ def loads(payload: bytes) -> Any:
     return orjson.loads(payload)
 
 
-# Faust tables of a pipeline; their changelog topics are created up front with the
-# pipeline's partition count (a worker must not discover them half-way).
-TABLES = ("windows", "featstats", "joins", "online-model", "early-labels")
-
-
-def table_name(pipeline: str, table: str) -> str:
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}")
-    return f"{pipeline}-{table}"
-
-
-def changelog_topics(app_id: str, spec: PipelineSpec) -> list[str]:
-    return [f"{app_id}-{table_name(spec.name, t)}-changelog" for t in TABLES]
+def state_topic(app_id: str, spec: PipelineSpec) -> str:
+    """The compacted changelog of a pipeline's per-partition state (windows, statistics,
+    online model, pending joins), partitioned like its raw topic."""
+    return f"{app_id}-{spec.name}-state"

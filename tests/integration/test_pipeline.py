@@ -122,8 +122,9 @@ def test_two_workers_split_partitions_and_lose_nothing(
         )
         bad = n // bad_every
         _account(a, name, n - bad, bad)
-        assigned = [w.get("/health")["assigned_partitions"] for w in (a, b)]
-        assert all(x > 0 for x in assigned), assigned
+        assigned = [w.get("/health")["assigned_partitions"][name] for w in (a, b)]
+        assert all(assigned), assigned  # both hold partitions ...
+        assert sorted(assigned[0] + assigned[1]) == list(range(6)), assigned  # ... each once
         scored = [w.get("/stats")["pipelines"][name]["counters"].get("scored", 0) for w in (a, b)]
         assert all(x > 0 for x in scored) and sum(scored) >= n - bad, scored
     finally:

@@ -1,0 +1,275 @@
+"""The data plane of one pipeline in one worker: batches from Kafka through the steps.
+
+One consumer group per pipeline (``<app_id>-<pipeline>``) reads ``<p>.raw`` and
+``<p>.labels``; both have the same partition count and the range assignor gives a member
+the same partition numbers of both, so a partition's events and labels meet here. Each
+batch from ``getmany`` runs through the steps in order -- :func:`ingest` (validate +
+featurize), :func:`score`, then :func:`on_label` -- and everything it produces (features,
+predictions, dead letters, metrics and state changes) goes out as whole record batches.
+Input offsets are committed only after the broker acknowledged those outputs
+(at-least-once; ReplacingMergeTree collapses re-deliveries in ClickHouse).
+
+Why not one Faust agent per step: Faust's per-message path (conductor, queues, stream
+iteration, acks) measured 200-250 us per message per hop here, which capped the pipeline
+at ~200 events/s; batching below it is what reaches a large fraction of a raw aiokafka
+loop (docs/BENCHMARKS.md). Faust still runs the worker around this: its lifecycle,
+signals, web server (/health, /metrics, /stats, /query) and logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from streamml import telemetry
+from streamml.agents.ingest import ingest
+from streamml.agents.learn import emit_metrics, housekeeping, on_label, snapshot
+from streamml.agents.runtime import MODEL, STATS, WINDOW, PartitionState, PipelineRuntime
+from streamml.agents.score import score
+from streamml.config import Settings
+from streamml.streams.changelog import read_latest
+from streamml.streams.kafka import bounded, close_quietly
+from streamml.streams.outbox import Headers, Outbox
+from streamml.streams.topics import dumps
+
+log = logging.getLogger("streamml.engine")
+
+HOUSEKEEPING_EVERY_S = 1.0
+
+
+def _traceparent_id(headers: Iterable[tuple[str, bytes]]) -> str:
+    """The trace id of a W3C ``traceparent`` header, without building an OTel context."""
+    for key, value in headers:
+        if key == "traceparent" and len(value) >= 35:
+            return value[3:35].decode("latin-1")
+    return ""
+
+
+class PipelineEngine:
+    """Runs one pipeline's steps over batches of its partitions assigned to this worker."""
+
+    def __init__(self, settings: Settings, rt: PipelineRuntime) -> None:
+        self.settings = settings
+        self.rt = rt
+        self.ready = asyncio.Event()
+        self.group_id = f"{settings.app_id}-{rt.name}"
+        self._lock = asyncio.Lock()
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._committed_at = time.monotonic()
+        self._housekept_at = time.monotonic()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Consume, process and commit until cancelled (the worker stopping)."""
+        s, rt = self.settings, self.rt
+        boot = s.bootstrap_servers
+        self._producer = producer = AIOKafkaProducer(
+            bootstrap_servers=boot,
+            acks="all",
+            linger_ms=0,
+            max_batch_size=1 << 20,
+            request_timeout_ms=int(s.request_timeout_s * 1000),
+        )
+        self._consumer = consumer = AIOKafkaConsumer(
+            bootstrap_servers=boot,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.batch_max_records,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
+            rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),
+            request_timeout_ms=int(max(s.request_timeout_s, s.session_timeout_s + 5) * 1000),
+        )
+        await bounded("start the producer", boot, producer.start(), s.request_timeout_s)
+        await bounded("start the consumer", boot, consumer.start(), s.request_timeout_s)
+        consumer.subscribe([rt.topics["raw"], rt.topics["labels"]], listener=_Listener(self))
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=100, max_records=s.batch_max_records)
+                async with self._lock:
+                    if batch:
+                        await self._process(batch)
+                    if time.monotonic() - self._housekept_at >= HOUSEKEEPING_EVERY_S:
+                        await self._housekeeping(self.rt.states.values())
+                    if time.monotonic() - self._committed_at >= s.commit_interval_ms / 1000:
+                        await self._commit()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        try:
+            async with self._lock:
+                await self._let_go(list(self.rt.states))
+        except Exception:  # the next owner re-reads what was not committed
+            log.exception("%s: final flush failed; uncommitted input will be re-read", self.rt.name)
+        finally:
+            timeout_s = self.settings.request_timeout_s
+            if self._consumer is not None:
+                await close_quietly(self._consumer.stop(), timeout_s)
+            if self._producer is not None:
+                await close_quietly(self._producer.stop(), timeout_s)
+
+    # --- the batch ---------------------------------------------------------------
+    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        rt = self.rt
+        assert self._consumer is not None and self._producer is not None
+        tel = rt.telemetry
+        raw_topic = rt.topics["raw"]
+        assigned = self._consumer.assignment()
+        out = Outbox(self._producer)
+        outcomes: Counter[tuple[str, str]] = Counter()
+        spent = {"ingest": 0.0, "score": 0.0, "learn": 0.0}
+        done: dict[TopicPartition, int] = {}
+        touched: list[PartitionState] = []
+        # raw before labels, so a label in the same batch as its event finds its features
+        for tp, records in sorted(batch.items(), key=lambda kv: kv[0].topic != raw_topic):
+            if tp not in assigned or not records:
+                continue  # revoked while fetched: its new owner reads it again
+            state = rt.states[tp.partition]
+            touched.append(state)
+            if tp.topic == raw_topic:
+                for message in records:
+                    self._raw(state, message, out, outcomes, spent)
+            else:
+                t0 = time.perf_counter()
+                for message in records:
+                    outcomes["learn", on_label(rt, state, message, out)] += 1
+                spent["learn"] += time.perf_counter() - t0
+            done[tp] = records[-1].offset + 1
+        self._log_state(touched, out)
+        await out.flush()
+        self._uncommitted.update(done)
+        for (step, outcome), n in outcomes.items():
+            tel.count(rt.name, step, outcome, n)
+        for step, seconds in spent.items():
+            n = sum(v for (s, _), v in outcomes.items() if s == step)
+            if n:
+                tel.observe(rt.name, step, seconds * 1000 / n)
+
+    def _raw(
+        self,
+        state: PartitionState,
+        message: ConsumerRecord[bytes, bytes],
+        out: Outbox,
+        outcomes: Counter[tuple[str, str]],
+        spent: dict[str, float],
+    ) -> None:
+        rt = self.rt
+        tel = rt.telemetry
+        t0 = time.perf_counter()
+        incoming: Headers = message.headers or ()
+        if tel.enabled:  # a span per step, continuing the producer's trace
+            with tel.tracer.start_as_current_span(
+                f"{rt.name}.ingest", context=telemetry.extract(incoming)
+            ):
+                headers: Headers = telemetry.inject()
+                result = ingest(rt, state, message, headers, out)
+                t1 = time.perf_counter()
+                if result is not None:
+                    with tel.tracer.start_as_current_span(f"{rt.name}.score"):
+                        headers = telemetry.inject()
+                        trace = telemetry.trace_id()
+                        score(rt, state, message, *result, headers, trace, out)
+        else:  # no spans: pass the producer's trace context on as it came
+            result = ingest(rt, state, message, incoming, out)
+            t1 = time.perf_counter()
+            if result is not None:
+                trace = _traceparent_id(incoming)
+                score(rt, state, message, *result, incoming, trace, out)
+        t2 = time.perf_counter()
+        spent["ingest"] += t1 - t0
+        outcomes["ingest", "ok" if result is not None else "dead_letter"] += 1
+        if result is not None:
+            spent["score"] += t2 - t1
+            outcomes["score", "ok"] += 1
+
+    def _log_state(self, states: Iterable[PartitionState], out: Outbox) -> None:
+        """Changed windows and statistics to the state changelog, once per key per batch."""
+        topic = self.rt.topics["state"]
+        for state in states:
+            for entity in state.dirty_windows:
+                window = state.windows.get(entity)
+                if window is not None:
+                    out.add(topic, state.partition, WINDOW + entity.encode(), dumps(window))
+            state.dirty_windows.clear()
+            if state.stats_dirty:
+                out.add(topic, state.partition, STATS, dumps(state.stats.data))
+                state.stats_dirty = False
+
+    async def _housekeeping(self, states: Iterable[PartitionState]) -> None:
+        assert self._producer is not None
+        out = Outbox(self._producer)
+        for state in states:
+            housekeeping(self.rt, state, out)
+        await out.flush()
+        self._housekept_at = time.monotonic()
+
+    async def _commit(self) -> None:
+        self._committed_at = time.monotonic()
+        if not self._uncommitted or self._consumer is None:
+            return
+        offsets, self._uncommitted = self._uncommitted, {}
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:  # a rebalance took them
+            log.warning("%s: commit refused (%s); the new owner re-reads", self.rt.name, exc)
+
+    # --- partitions coming and going --------------------------------------------
+    async def _let_go(self, partitions: list[int]) -> None:
+        """Before partitions may leave this worker: their last metrics and model snapshot
+        out, then the offsets committed. The state stays cached: the next assignment
+        drops what went elsewhere and reads back only what is new."""
+        assert self._producer is not None
+        out = Outbox(self._producer)
+        for p in partitions:
+            state = self.rt.states.get(p)
+            if state is None:
+                continue
+            if state.minute is not None and state.minute.n:
+                emit_metrics(self.rt, state, state.minute, out)
+            if state.learner.learned != state.snapshot_learned:
+                snapshot(self.rt, state, out)
+        await out.flush()
+        await self._commit()
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            await self._let_go(sorted({tp.partition for tp in revoked}))
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        rt = self.rt
+        async with self._lock:
+            mine = {tp.partition for tp in assigned if tp.topic == rt.topics["raw"]}
+            for p in set(rt.states) - mine:
+                rt.states.pop(p)
+            new = sorted(mine - set(rt.states))
+            logs = await read_latest(self.settings, rt.topics["state"], new)
+            for p, entries in logs.items():
+                rt.states[p] = PartitionState.restore(rt.spec, p, entries)
+                if MODEL in entries:
+                    rt.counters["model_restored"] += 1
+            log.info("%s: partitions %s (restored %s)", rt.name, sorted(mine), new)
+            self.ready.set()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, engine: PipelineEngine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.engine.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.engine.on_assigned(assigned)
