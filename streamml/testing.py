@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from streamml.config import Settings, load_settings
+from streamml.models.registry import ModelVersion, Registry
 from streamml.streams.warehouse import Warehouse
 
 
@@ -45,3 +47,30 @@ def temporary_warehouse(settings: Settings, database: str) -> Iterator[Warehouse
     finally:
         warehouse.command(f"DROP DATABASE IF EXISTS {database}")
         warehouse.close()
+
+
+@contextmanager
+def temporary_registry() -> Iterator[Registry]:
+    """An empty model registry in a temporary directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="streamml-registry-") as root:
+        yield Registry(Path(root))
+
+
+def register_dummy(
+    registry: Registry, pipeline: str = "demo", payload: bytes = b"model", **overrides: Any
+) -> ModelVersion:
+    """Register a small fake model (features x1, x2; binary classes); keywords override."""
+    values: dict[str, Any] = {
+        "kind": "batch",
+        "spec_hash": "0" * 16,
+        "feature_names": ["x1", "x2"],
+        "classes": ["0", "1"],
+        "task": "classification",
+        "training_window": {"start": 0, "end": 60_000, "rows": 100},
+        "metrics": {"accuracy": 0.9},
+        "params": {},
+        "parent_version": None,
+        "artifact_name": "model.onnx",
+    }
+    values.update(overrides)
+    return registry.register(pipeline, payload, **values)
