@@ -1,7 +1,8 @@
 """Pipeline specs: one YAML file per ML service, loaded with precise errors.
 
 A spec names the raw record's fields and types, the entity key, event-id and
-timestamp fields, the label, the features, the online model and the topic layout.
+timestamp fields, the label, the features, the online model, the optional batch
+model with its promotion rule and serving roles, and the topic layout.
 Everything else (topic names, the validator, the JSON Schema for producers, the
 ClickHouse rows) is derived from it.
 """
@@ -172,6 +173,131 @@ class OnlineModelSpec(_Strict):
     snapshot_interval_s: float = Field(default=5.0, gt=0)
 
 
+# --- batch model, promotion and serving (Step 3) ------------------------------------------
+
+Activation = Literal["relu", "tanh", "gelu"]
+Loss = Literal["bce", "cross_entropy", "mse"]
+PromotionMetric = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "rmse", "mae"]
+
+# Losses and promotion metrics per task; the first one is the default when a key is omitted.
+TASK_LOSSES: dict[str, tuple[Loss, ...]] = {
+    "classification": ("bce", "cross_entropy"),
+    "regression": ("mse",),
+}
+TASK_METRICS: dict[str, tuple[PromotionMetric, ...]] = {
+    "classification": ("roc_auc", "f1", "accuracy", "precision", "recall"),
+    "regression": ("rmse", "mae"),
+}
+LOWER_IS_BETTER: frozenset[str] = frozenset({"rmse", "mae"})
+_NOT_HASHED = {"batch_model", "promotion", "serving"}  # see PipelineSpec.spec_hash
+
+
+class SearchSpace(_Strict):
+    """Candidate values per hyperparameter; a key left out keeps the batch_model value."""
+
+    lr: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=1)
+    hidden: list[list[Annotated[int, Field(ge=1, le=4096)]]] | None = Field(
+        default=None, min_length=1
+    )
+    weight_decay: list[Annotated[float, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    batch_size: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)
+    activation: list[Activation] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SearchSpace:
+        if not self.axes():
+            raise ValueError(
+                "name at least one of lr, hidden, weight_decay, batch_size, activation"
+            )
+        return self
+
+    def axes(self) -> dict[str, list[Any]]:
+        """The searched keys (in declaration order) and their candidate values."""
+        return {k: list(v) for k, v in self if v is not None}
+
+
+class SearchSpec(_Strict):
+    method: Literal["grid", "random"] = "grid"
+    trials: int = Field(default=10, ge=1, le=1000)  # random search only
+    space: SearchSpace
+
+    @model_validator(mode="after")
+    def _usable(self) -> SearchSpec:
+        if self.method == "grid" and "trials" in self.model_fields_set:
+            raise ValueError("trials applies to method random only (grid tries every combination)")
+        return self
+
+
+class SplitSpec(_Strict):
+    """Time-ordered split: the latest ``test`` share is the test set, the share before it
+    the validation set, everything earlier the training set."""
+
+    validation: float = Field(default=0.15, gt=0, lt=0.5)
+    test: float = Field(default=0.15, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _train_left(self) -> SplitSpec:
+        if self.validation + self.test > 0.6:
+            raise ValueError("validation + test must leave at least 40% of the rows for training")
+        return self
+
+
+class OnnxSpec(_Strict):
+    threads: int = Field(default=1, ge=1, le=64)
+    parity_tolerance: float = Field(default=1e-5, gt=0)
+
+
+class BatchModelSpec(_Strict):
+    """A torch MLP trained offline on labelled features, exported to ONNX for serving."""
+
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [32, 16])
+    activation: Activation = "relu"
+    loss: Loss = "bce"  # when omitted: the first of TASK_LOSSES for the pipeline's task
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    early_stopping_patience: int = Field(default=5, ge=1)
+    seed: int = Field(default=0, ge=0)
+    split: SplitSpec = SplitSpec()
+    search: SearchSpec | None = None
+    onnx: OnnxSpec = OnnxSpec()
+    cv_folds: int = Field(default=3, ge=2, le=20)
+
+
+class PromotionSpec(_Strict):
+    """When a trained candidate replaces the champion."""
+
+    metric: PromotionMetric = "roc_auc"  # when omitted: the first of TASK_METRICS for the task
+    min_delta: float = Field(default=0.0, ge=0)
+    min_labeled_events: int = Field(default=500, ge=0)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
+
+
+class ServingSpec(_Strict):
+    """Which model answers (champion) and which one runs beside it (challenger)."""
+
+    champion: Literal["online", "batch"] = "online"
+    challenger: Literal["none", "online", "batch"] = "none"
+    challenger_mode: Literal["shadow", "canary"] = "shadow"
+    canary_share: float = Field(default=0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServingSpec:
+        if self.challenger == self.champion:
+            raise ValueError(f"challenger {self.challenger!r} is already the champion")
+        if self.challenger == "none" and "challenger_mode" in self.model_fields_set:
+            raise ValueError("challenger_mode needs a challenger")
+        if "canary_share" in self.model_fields_set and self.challenger_mode != "canary":
+            raise ValueError("canary_share applies to challenger_mode canary only")
+        return self
+
+
 class TopicsSpec(_Strict):
     partitions: int | None = Field(default=None, ge=1, le=1024)
 
@@ -187,6 +313,9 @@ class PipelineSpec(_Strict):
     select: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     online_model: OnlineModelSpec
+    batch_model: BatchModelSpec | None = None
+    promotion: PromotionSpec = PromotionSpec()
+    serving: ServingSpec = ServingSpec()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -196,6 +325,22 @@ class PipelineSpec(_Strict):
         if not _NAME.match(value):
             raise ValueError("lower-case letters, digits and underscores, starting with a letter")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Fill in the loss and promotion metric the task implies when they are omitted."""
+        if not isinstance(data, dict) or data.get("task") not in TASK_LOSSES:
+            return data
+        task = data["task"]
+        out = dict(data)
+        batch = out.get("batch_model")
+        if isinstance(batch, dict) and "loss" not in batch:
+            out["batch_model"] = {**batch, "loss": TASK_LOSSES[task][0]}
+        promotion = out.get("promotion", {})
+        if isinstance(promotion, dict) and "metric" not in promotion:
+            out["promotion"] = {**promotion, "metric": TASK_METRICS[task][0]}
+        return out
 
     @model_validator(mode="after")
     def _references(self) -> PipelineSpec:
@@ -218,7 +363,24 @@ class PipelineSpec(_Strict):
         regression = model in {"linear_regression", "hoeffding_tree_regressor"}
         if regression != (self.task == "regression"):
             raise ValueError(f"online_model.kind {model!r} does not fit task {self.task!r}")
+        self._check_batch()
         return self
+
+    def _check_batch(self) -> None:
+        if self.batch_model is not None and self.batch_model.loss not in TASK_LOSSES[self.task]:
+            raise ValueError(
+                f"batch_model.loss {self.batch_model.loss!r} does not fit task {self.task!r} "
+                f"(use one of {list(TASK_LOSSES[self.task])})"
+            )
+        if self.promotion.metric not in TASK_METRICS[self.task]:
+            raise ValueError(
+                f"promotion.metric {self.promotion.metric!r} does not fit task {self.task!r} "
+                f"(use one of {list(TASK_METRICS[self.task])})"
+            )
+        if self.batch_model is None:
+            for role in ("champion", "challenger"):
+                if getattr(self.serving, role) == "batch":
+                    raise ValueError(f"serving.{role} 'batch' needs a batch_model section")
 
     # --- derived ---------------------------------------------------------------
     def topic(self, suffix: str) -> str:
@@ -230,7 +392,11 @@ class PipelineSpec(_Strict):
 
     @property
     def spec_hash(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        """Identity of the data contract and online model. Batch training settings, the
+        promotion rule and serving roles are left out: changing them (promoting the batch
+        model, say) neither renames the online model nor invalidates trained artifacts."""
+        data = self.model_dump(mode="json", by_alias=True, exclude=_NOT_HASHED)
+        canonical = json.dumps(data, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -325,3 +325,168 @@ def test_spec_hash_differs_between_the_shipped_specs() -> None:
     demo = load_spec(PIPELINES / "demo.yaml")
     phishing = load_spec(PIPELINES / "phishing.yaml")
     assert demo.spec_hash != phishing.spec_hash
+
+
+# --- batch model, promotion and serving ------------------------------------------------
+
+
+def test_demo_spec_declares_a_batch_challenger_in_shadow() -> None:
+    spec = load_spec(PIPELINES / "demo.yaml")
+    batch = spec.batch_model
+    assert batch is not None
+    assert (batch.kind, batch.hidden, batch.loss, batch.optimizer) == (
+        "mlp",
+        [32, 16],
+        "bce",
+        "adam",
+    )
+    assert (batch.split.validation, batch.split.test) == (0.15, 0.15)
+    assert batch.search is not None and batch.search.method == "random"
+    assert batch.search.trials == 6
+    assert batch.search.space.axes() == {
+        "lr": [0.0003, 0.001, 0.003],
+        "hidden": [[32, 16], [64, 32], [16]],
+        "weight_decay": [0.0, 0.0001],
+    }
+    assert batch.onnx.parity_tolerance == 1e-5 and batch.cv_folds == 3
+    assert (spec.promotion.metric, spec.promotion.min_delta) == ("roc_auc", 0.005)
+    assert spec.promotion.min_labeled_events == 500
+    assert (spec.serving.champion, spec.serving.challenger) == ("online", "batch")
+    assert spec.serving.challenger_mode == "shadow"
+
+
+def test_without_the_new_sections_the_online_model_serves_alone() -> None:
+    spec = load_spec(PIPELINES / "phishing.yaml")
+    assert spec.batch_model is None
+    assert spec.promotion.metric == "roc_auc" and spec.promotion.min_delta == 0.0
+    assert spec.promotion.min_labeled_events == 500
+    assert (spec.serving.champion, spec.serving.challenger) == ("online", "none")
+    assert (spec.serving.challenger_mode, spec.serving.canary_share) == ("shadow", 0.1)
+
+
+def _regression(data: dict[str, Any]) -> dict[str, Any]:
+    out = _set(_data("phishing"), "task", "regression")
+    out = _set(out, "online_model.kind", "linear_regression")
+    out["online_model"]["params"] = {}
+    out.update(data)
+    return out
+
+
+def test_loss_and_promotion_metric_default_by_task() -> None:
+    classification = parse_spec({**_data("phishing"), "batch_model": {}})
+    assert classification.batch_model is not None
+    assert classification.batch_model.loss == "bce"
+    assert classification.promotion.metric == "roc_auc"
+    regression = parse_spec(_regression({"batch_model": {}, "promotion": {"min_delta": 0.1}}))
+    assert regression.batch_model is not None and regression.batch_model.loss == "mse"
+    assert regression.promotion.metric == "rmse" and regression.promotion.lower_is_better
+    assert regression.promotion.min_delta == 0.1
+
+
+@pytest.mark.parametrize(
+    ("task", "loss"),
+    [("classification", "mse"), ("regression", "bce"), ("regression", "cross_entropy")],
+)
+def test_loss_must_fit_the_task(task: str, loss: str) -> None:
+    data = _data() if task == "classification" else _regression({"batch_model": {}})
+    data = _set(data, "batch_model.loss", loss)
+    assert _problem(data).startswith(
+        f"(top level): batch_model.loss {loss!r} does not fit task {task!r} (use one of "
+    )
+
+
+@pytest.mark.parametrize(
+    ("task", "metric"),
+    [("classification", "rmse"), ("regression", "f1"), ("regression", "roc_auc")],
+)
+def test_promotion_metric_must_fit_the_task(task: str, metric: str) -> None:
+    data = _data() if task == "classification" else _regression({})
+    data = {**data, "promotion": {"metric": metric}}
+    assert _problem(data).startswith(
+        f"(top level): promotion.metric {metric!r} does not fit task {task!r} (use one of "
+    )
+
+
+@pytest.mark.parametrize("role", ["champion", "challenger"])
+def test_serving_the_batch_model_needs_a_batch_model_section(role: str) -> None:
+    data = _drop(_data(), "batch_model")
+    data["serving"] = {"champion": "online", "challenger": "none", role: "batch"}
+    assert _problem(data) == f"(top level): serving.{role} 'batch' needs a batch_model section"
+
+
+@pytest.mark.parametrize(
+    ("serving", "expected"),
+    [
+        ({"challenger": "online"}, "challenger 'online' is already the champion"),
+        ({"challenger_mode": "canary"}, "challenger_mode needs a challenger"),
+        ({"challenger": "batch", "canary_share": 0.2}, "canary_share applies to challenger_mode "),
+    ],
+)
+def test_serving_roles_are_consistent(serving: dict[str, Any], expected: str) -> None:
+    assert _problem({**_data(), "serving": serving}).startswith(f"serving: {expected}")
+
+
+def test_a_canary_takes_a_share_strictly_between_0_and_1() -> None:
+    serving = {"champion": "online", "challenger": "batch", "challenger_mode": "canary"}
+    spec = parse_spec({**_data(), "serving": {**serving, "canary_share": 0.25}})
+    assert spec.serving.canary_share == 0.25
+    problem = _problem({**_data(), "serving": {**serving, "canary_share": 1.0}})
+    assert problem.startswith("serving.canary_share: Input should be less than 1")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("batch_model.kind", "xgboost", "batch_model.kind: Input should be 'mlp'"),
+        ("batch_model.activation", "sigmoid", "batch_model.activation: Input should be 'relu'"),
+        ("batch_model.optimizer", "rmsprop", "batch_model.optimizer: Input should be 'adam' or"),
+        ("batch_model.hidden", [32, 0], "batch_model.hidden.1: Input should be greater than"),
+        ("batch_model.lr", 0, "batch_model.lr: Input should be greater than 0"),
+        ("batch_model.cv_folds", 1, "batch_model.cv_folds: Input should be greater than"),
+        ("batch_model.epoch", 3, "batch_model.epoch: unknown key"),
+        ("batch_model.onnx.thread", 2, "batch_model.onnx.thread: unknown key"),
+        ("batch_model.search.space.momentum", [0.9], "batch_model.search.space.momentum: unknown"),
+        ("batch_model.search.space.lr", [], "batch_model.search.space.lr: List should have at"),
+        ("batch_model.search.space.activation", ["relu", "swish"], "batch_model.search.space.act"),
+        ("batch_model.search.space", {}, "batch_model.search.space: name at least one of lr, "),
+        ("batch_model.split", {"validation": 0.3, "test": 0.35}, "batch_model.split: validation"),
+        ("promotion.metric", "auc", "promotion.metric: Input should be 'accuracy', 'precision'"),
+        ("promotion.min_delta", -0.1, "promotion.min_delta: Input should be greater than or eq"),
+        ("serving.champion", "river", "serving.champion: Input should be 'online' or 'batch'"),
+    ],
+)
+def test_batch_keys_are_checked_at_their_path(path: str, value: Any, expected: str) -> None:
+    assert _problem(_set(_data(), path, value)).startswith(expected)
+
+
+def test_grid_search_takes_no_trials() -> None:
+    data = _set(_data(), "batch_model.search.method", "grid")
+    assert _problem(data) == (
+        "batch_model.search: trials applies to method random only (grid tries every combination)"
+    )
+    assert parse_spec(_drop(data, "batch_model.search.trials")).batch_model is not None
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("batch_model.lr", 0.01),
+        ("serving", {"champion": "batch", "challenger": "online"}),
+        ("serving.challenger_mode", "canary"),
+        ("promotion.min_delta", 0.0),
+        ("promotion.metric", "f1"),
+    ],
+)
+def test_spec_hash_ignores_batch_settings_promotion_and_serving(path: str, value: Any) -> None:
+    # Promoting the batch model must not rename the online model or invalidate artifacts
+    # the registry checks against the spec hash.
+    base = parse_spec(_data())
+    changed = parse_spec(_set(_data(), path, value))
+    assert changed != base
+    assert changed.spec_hash == base.spec_hash
+
+
+def test_spec_hash_is_the_same_with_or_without_the_batch_sections() -> None:
+    data = _data()
+    plain = {k: v for k, v in data.items() if k not in ("batch_model", "promotion", "serving")}
+    assert parse_spec(plain).spec_hash == parse_spec(data).spec_hash

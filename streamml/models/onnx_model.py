@@ -1,0 +1,174 @@
+"""ONNX export of a trained batch model, a parity check, and the scorer that serves it.
+
+The exported graph has one input ``features`` (float32 ``[n, d]``, in ``feature_names``
+order) and one output: ``probabilities`` ``[n, k]`` in ``classes`` order for
+classification (``k = 2`` for a binary bce model too), or ``predictions`` ``[n, 1]``
+for regression. The input standardisation is part of the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from streamml.errors import ModelError, OnnxParityError
+from streamml.models.online import Prediction, _pos_label
+from streamml.models.training import FloatArray, Label, TrainResult, predict
+
+INPUT = "features"
+OPSET = 17
+META = "streamml."  # prefix of the metadata keys export_onnx writes
+
+
+def output_name(task: str) -> str:
+    return "probabilities" if task == "classification" else "predictions"
+
+
+def export_onnx(result: TrainResult, path: Path | str) -> None:
+    """Write ``result.model`` as ONNX (dynamic batch axis) with its feature names, classes
+    and task as metadata."""
+    out = output_name(result.task)
+    dummy = torch.zeros(2, len(result.feature_names), dtype=torch.float32)
+    result.model.eval()
+    with warnings.catch_warnings():
+        # dynamo=False asks for the TorchScript exporter on purpose; it warns that it is legacy.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            result.model,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT],
+            output_names=[out],
+            dynamic_axes={INPUT: {0: "batch"}, out: {0: "batch"}},
+            opset_version=OPSET,
+        )
+    graph = onnx.load(str(path))
+    meta = {
+        "feature_names": json.dumps(result.feature_names),
+        "classes": json.dumps(result.classes),
+        "task": result.task,
+        "loss": result.loss,
+    }
+    onnx.helper.set_model_props(graph, {META + k: v for k, v in meta.items()})
+    onnx.save(graph, str(path))
+
+
+def read_metadata(path: Path | str) -> dict[str, str]:
+    """The ``streamml.*`` metadata of an exported model, without the prefix."""
+    props = onnx.load(str(path), load_external_data=False).metadata_props
+    return {p.key.removeprefix(META): p.value for p in props if p.key.startswith(META)}
+
+
+def check_parity(
+    result: TrainResult, onnx_path: Path | str, X_test: FloatArray, tolerance: float
+) -> float:
+    """Largest difference between the torch and ONNX outputs on ``X_test``; raises
+    OnnxParityError above ``tolerance``. Probabilities are compared absolutely, regression
+    predictions relative to ``max(1, |prediction|)`` (float32 cannot hold 1e-5 at 1e3)."""
+    if len(X_test) == 0:
+        raise ModelError("parity needs at least one row")
+    X = np.ascontiguousarray(X_test, dtype=np.float32)
+    expected = predict(result.model, X)
+    scorer = OnnxScorer(onnx_path, result.feature_names, result.classes, result.task)
+    got = scorer.predict_batch(X)
+    if got.shape != expected.shape:
+        raise OnnxParityError(f"ONNX output shape {got.shape} != torch {expected.shape}")
+    want = expected.astype(np.float64)
+    scale = np.maximum(1.0, np.abs(want)) if result.task == "regression" else 1.0
+    diff = float(np.max(np.abs(got.astype(np.float64) - want) / scale))
+    if not diff <= tolerance:  # also catches NaN
+        raise OnnxParityError(
+            f"ONNX output differs from torch by {diff:.3g} (tolerance {tolerance:.3g})",
+            hint="re-export the model; the file may be stale or from another training run",
+        )
+    return diff
+
+
+class OnnxScorer:
+    """Serve an exported model: vectors in, :class:`Prediction` out, interchangeable with
+    :meth:`streamml.models.online.OnlineLearner.predict`."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        feature_names: Sequence[str],
+        classes: Sequence[Label],
+        task: str,
+        threads: int = 1,
+        *,
+        positive: str | None = None,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"cannot load ONNX model {path}: {exc}") from exc
+        self.feature_names = list(feature_names)
+        self.index = {name: j for j, name in enumerate(self.feature_names)}
+        self.class_keys = [str(c) for c in classes]
+        self.classification = task == "classification"
+        self.positive_key = str(_pos_label(positive))
+        width = self.session.get_inputs()[0].shape[1]
+        if isinstance(width, int) and width != len(self.feature_names):
+            raise ModelError(
+                f"ONNX model {path} takes {width} features, {len(self.feature_names)} given"
+            )
+
+    @classmethod
+    def from_file(
+        cls, path: Path | str, threads: int = 1, *, positive: str | None = None
+    ) -> OnnxScorer:
+        """A scorer configured from the metadata :func:`export_onnx` wrote."""
+        meta = read_metadata(path)
+        try:
+            names, classes = json.loads(meta["feature_names"]), json.loads(meta["classes"])
+            task = meta["task"]
+        except (KeyError, ValueError) as exc:
+            raise ModelError(f"{path} has no streamml metadata: {exc}") from None
+        return cls(path, names, classes, task, threads, positive=positive)
+
+    def vectorize(self, features: Mapping[str, float]) -> FloatArray:
+        """One feature dict as a row in model order (missing: 0.0, unknown keys ignored)."""
+        row = np.zeros(len(self.feature_names), dtype=np.float32)
+        for name, value in features.items():
+            j = self.index.get(name)
+            if j is not None:
+                row[j] = value
+        return row
+
+    def predict_batch(self, X: FloatArray) -> FloatArray:
+        """Raw model output for rows ``X``: probabilities ``[n, k]`` or predictions ``[n, 1]``."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
+            raise ModelError(f"expected rows of {len(self.feature_names)} features, got {X.shape}")
+        out: FloatArray = np.asarray(self.session.run(None, {INPUT: X})[0], dtype=np.float32)
+        return out
+
+    def predict_many(self, vectors: Sequence[Mapping[str, float]]) -> list[Prediction]:
+        """Predictions for feature dicts, built as OnlineLearner.predict builds them."""
+        if not vectors:
+            return []
+        out = self.predict_batch(np.stack([self.vectorize(v) for v in vectors]))
+        if not self.classification:
+            return [Prediction(float(row[0]), "", {}) for row in out]
+        predictions = []
+        for row in out.tolist():
+            proba = dict(zip(self.class_keys, row, strict=True))
+            best = max(proba, key=lambda k: proba[k])
+            predictions.append(Prediction(proba.get(self.positive_key, 0.0), best, proba))
+        return predictions
+
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        return self.predict_many([features])[0]

@@ -1,0 +1,514 @@
+"""Batch training of a pipeline's MLP: time-ordered split, early stopping, search.
+
+Pure core: a DataFrame of labelled feature vectors in, a torch module and the record
+of how it was trained out. No Kafka, nothing downloaded. The module standardises its
+own inputs (mean/std are buffers) and ``forward`` returns what serving returns:
+class probabilities ``[n, k]`` in ``classes`` order, or predictions ``[n, 1]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd  # type: ignore[import-untyped]
+import torch
+from torch import nn
+
+from streamml.errors import TrainingError
+from streamml.models.online import _pos_label, coerce_label
+from streamml.schemas.spec import BatchModelSpec, PipelineSpec, SplitSpec
+
+RESERVED = ("event_id", "ts", "label")
+MIN_ROWS = 50
+Label = bool | int | float | str
+Progress = Callable[[int, int, float, float], None]  # (trial, epoch, train_loss, val_loss)
+FloatArray = npt.NDArray[np.float32]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+# Below this many multiply-adds per batch a single intra-op thread is fastest (threads only
+# add synchronisation, and spin badly on a busy machine).
+SINGLE_THREAD_WORK = 1 << 22
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def frame_from_rows(rows: Iterable[tuple[str, int, Mapping[str, float], object]]) -> pd.DataFrame:
+    """``(event_id, ts_ms, features, label)`` rows as a frame: one column per feature name
+    (sorted), a key missing from a vector is 0.0."""
+    table = list(rows)
+    vectors = [features for _, _, features, _ in table]
+    names = sorted({name for vector in vectors for name in vector})
+    clash = sorted(set(names) & set(RESERVED))
+    if clash:
+        raise TrainingError(f"feature names {clash} clash with the frame's own columns")
+    index = {name: j for j, name in enumerate(names)}
+    values = np.zeros((len(vectors), len(names)), dtype=np.float64)
+    for i, vector in enumerate(vectors):
+        for name, value in vector.items():
+            values[i, index[name]] = value
+    columns: dict[str, object] = {
+        "event_id": [str(row[0]) for row in table],
+        "ts": np.asarray([int(row[1]) for row in table], dtype=np.int64),
+        "label": pd.Series([row[3] for row in table], dtype=object),
+    }
+    columns.update({name: values[:, j] for name, j in index.items()})
+    return pd.DataFrame(columns)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A frame as arrays, sorted by (ts, event_id); ``y`` holds class indexes or targets."""
+
+    task: str
+    event_ids: list[str]
+    ts_ms: npt.NDArray[np.int64]
+    X: FloatArray
+    labels: list[Label]
+    y: npt.NDArray[np.int64] | FloatArray
+    feature_names: list[str]
+    classes: list[Label]
+    positive_index: int | None  # index of label.positive in classes (classification)
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+    def take(self, part: slice) -> Dataset:
+        rows = ("event_ids", "ts_ms", "X", "labels", "y")
+        return dataclasses.replace(self, **{name: getattr(self, name)[part] for name in rows})
+
+
+def prepare(
+    spec: PipelineSpec,
+    frame: pd.DataFrame,
+    *,
+    feature_names: Sequence[str] | None = None,
+    classes: Sequence[Label] | None = None,
+) -> Dataset:
+    """Check and convert a frame; ``feature_names``/``classes`` align it to a trained model
+    (missing features are 0.0, extra ones are dropped)."""
+    missing = [c for c in RESERVED if c not in frame.columns]
+    if missing:
+        raise TrainingError(f"the frame has no {missing} column", hint="use frame_from_rows")
+    if frame["label"].isna().any():
+        raise TrainingError(f"{int(frame['label'].isna().sum())} rows have no label")
+    names = list(feature_names or [str(c) for c in frame.columns if c not in RESERVED])
+    if not names:
+        raise TrainingError("the frame has no feature columns")
+    aligned = frame.reindex(columns=names, fill_value=0.0)
+    try:
+        X = aligned.to_numpy(dtype=np.float32, na_value=0.0)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"feature columns must be numeric: {exc}") from None
+    if not np.isfinite(X).all():
+        raise TrainingError("features contain inf", hint="clip or log-transform the feature")
+    ts = _ts_ms(frame["ts"])
+    ids = [str(v) for v in frame["event_id"].tolist()]
+    order = np.lexsort((np.asarray(ids, dtype=str), ts)) if ids else np.arange(0)
+    classification = spec.task == "classification"
+    raw = frame["label"].tolist()
+    try:
+        labels: list[Label] = [coerce_label(raw[i], classification) for i in order]
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"regression labels must be numbers: {exc}") from None
+    if not classification:
+        found: list[Label] = []
+        y: npt.NDArray[np.int64] | FloatArray = np.asarray(labels, dtype=np.float32)
+        positive = None
+    else:
+        found = list(classes) if classes is not None else sorted(set(labels), key=_class_key)
+        index = {str(c): i for i, c in enumerate(found)}
+        unknown = {str(v) for v in labels} - set(index)
+        if unknown:
+            raise TrainingError(f"labels {sorted(unknown)} are not among the classes {found}")
+        y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
+        positive = index.get(str(_pos_label(spec.label.positive)))
+    return Dataset(
+        spec.task, [ids[i] for i in order], ts[order], X[order], labels, y, names, found, positive
+    )
+
+
+def _ts_ms(column: pd.Series) -> npt.NDArray[np.int64]:
+    """Event times as epoch milliseconds (datetimes are read as UTC when naive)."""
+    if column.isna().any():
+        raise TrainingError(f"{int(column.isna().sum())} rows have no ts")
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        return np.asarray(column.to_numpy(dtype=np.float64).round(), dtype=np.int64)
+    try:
+        stamps = pd.to_datetime(column, utc=True)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"ts must be datetimes or epoch milliseconds: {exc}") from None
+    delta = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
+    return np.asarray(delta.to_numpy(), dtype=np.int64)
+
+
+def _class_key(value: Label) -> tuple[int, float, str]:
+    if isinstance(value, bool | int | float):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+# --- split -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """One time-ordered part: rows ``[start, stop)`` of the sorted dataset."""
+
+    start: int
+    stop: int
+    rows: int
+    ts_min_ms: int
+    ts_max_ms: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: SplitPart
+    validation: SplitPart
+    test: SplitPart
+
+
+def time_split(ts_ms: npt.NDArray[np.int64], split: SplitSpec) -> Splits:
+    """Train, then validation, then test, in time order; rows with equal timestamps stay
+    in one part, so every test row is strictly later than every training row."""
+    n = len(ts_ms)
+    test_start = _cut(ts_ms, n - math.ceil(n * split.test), n)
+    val_start = _cut(ts_ms, test_start - math.ceil(n * split.validation), test_start)
+    if not 0 < val_start < test_start < n:
+        raise TrainingError(
+            f"cannot split {n} rows by time into train/validation/test",
+            hint="too many equal timestamps or too few rows; collect more labelled events",
+        )
+    bounds = ((0, val_start), (val_start, test_start), (test_start, n))
+    parts = [SplitPart(a, b, b - a, int(ts_ms[a]), int(ts_ms[b - 1])) for a, b in bounds]
+    return Splits(*parts)
+
+
+def _cut(ts: npt.NDArray[np.int64], i: int, hi: int) -> int:
+    """The index nearest to ``i`` (within ``(0, hi)``) where the timestamp changes."""
+    if i <= 0 or i >= hi or ts[i] != ts[i - 1]:
+        return i
+    back = int(np.searchsorted(ts, ts[i], side="left"))
+    ahead = int(np.searchsorted(ts, ts[i - 1], side="right"))
+    options = [c for c in (back, ahead) if 0 < c < hi]
+    return min(options, key=lambda c: abs(c - i)) if options else i
+
+
+# --- model -------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Standardise, hidden layers, output head; ``forward`` is what ONNX exports."""
+
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
+    def __init__(
+        self, n_in: int, hidden: Sequence[int], activation: str, n_out: int, head: str, pos: int
+    ) -> None:
+        super().__init__()
+        self.head = head  # "sigmoid" (bce), "softmax" (cross_entropy) or "identity" (mse)
+        self.pos = pos
+        self.register_buffer("x_mean", torch.zeros(n_in))
+        self.register_buffer("x_std", torch.ones(n_in))
+        self.register_buffer("y_mean", torch.zeros(1))
+        self.register_buffer("y_std", torch.ones(1))
+        layers: list[nn.Module] = []
+        width = n_in
+        for size in hidden:
+            layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+            width = size
+        layers.append(nn.Linear(width, n_out))
+        self.net = nn.Sequential(*layers)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net((x - self.x_mean) / self.x_std)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits(x)
+        if self.head == "sigmoid":
+            p = torch.sigmoid(out)
+            return torch.cat([1 - p, p] if self.pos == 1 else [p, 1 - p], dim=1)
+        if self.head == "softmax":
+            return torch.softmax(out, dim=1)
+        return out * self.y_std + self.y_mean
+
+
+def predict(model: nn.Module, X: FloatArray) -> FloatArray:
+    """The module's serving output for ``X`` (probabilities or predictions)."""
+    model.eval()
+    with torch.no_grad():
+        out: FloatArray = model(torch.from_numpy(np.ascontiguousarray(X, np.float32))).numpy()
+    return out
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Params:
+    """One point of the hyperparameter space."""
+
+    lr: float
+    hidden: tuple[int, ...]
+    weight_decay: float
+    batch_size: int
+    activation: str
+
+    @classmethod
+    def of(cls, batch: BatchModelSpec) -> Params:
+        """The values the spec's batch_model section names."""
+        hidden = tuple(batch.hidden)
+        return cls(batch.lr, hidden, batch.weight_decay, batch.batch_size, batch.activation)
+
+    def as_dict(self) -> dict[str, float | int | str | list[int]]:
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
+
+
+@dataclass(frozen=True)
+class EpochLoss:
+    trial: int  # 1-based, into plan_trials()
+    epoch: int  # 1-based
+    train_loss: float
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    params: Params
+    best_val_loss: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+
+
+@dataclass(frozen=True)
+class Fitted:
+    model: MLP
+    trial: Trial
+    history: list[EpochLoss]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The chosen model (eval mode) and how it was found. Losses of regression models are
+    on the standardised target."""
+
+    model: MLP
+    task: str
+    loss: str
+    feature_names: list[str]
+    classes: list[Label]
+    positive_index: int | None
+    best_params: Params
+    trials: list[Trial]
+    history: list[EpochLoss]
+    splits: Splits
+    seed: int
+
+
+def plan_trials(batch: BatchModelSpec) -> list[Params]:
+    """The parameter sets a search tries, in order (just the spec's values without search)."""
+    base = Params.of(batch)
+    if batch.search is None:
+        return [base]
+    axes = batch.search.space.axes()
+    total = math.prod(len(v) for v in axes.values())
+    picks: Sequence[int] = range(total)
+    if batch.search.method == "random":
+        picks = random.Random(batch.seed).sample(range(total), min(batch.search.trials, total))
+    plans = []
+    for pick in picks:
+        chosen: dict[str, Any] = {}
+        rest = pick
+        for key, values in reversed(axes.items()):  # mixed-radix decode, last key fastest
+            rest, digit = divmod(rest, len(values))
+            chosen[key] = tuple(values[digit]) if key == "hidden" else values[digit]
+        plans.append(dataclasses.replace(base, **chosen))
+    return plans
+
+
+def train(
+    spec: PipelineSpec, frame: pd.DataFrame, *, progress: Progress | None = None
+) -> TrainResult:
+    """Split by time, try every planned parameter set, keep the lowest validation loss."""
+    batch = batch_spec(spec)
+    if len(frame) < MIN_ROWS:
+        raise TrainingError(
+            f"only {len(frame)} labelled rows; training needs at least {MIN_ROWS}",
+            hint="let more labels arrive or widen the training window",
+        )
+    data = prepare(spec, frame)
+    splits = time_split(data.ts_ms, batch.split)
+    runs = []
+    for number, params in enumerate(plan_trials(batch), start=1):
+        rows = (splits.train.slice, splits.validation.slice)
+        runs.append(fit(spec, data, *rows, params, trial=number, progress=progress))
+    best = min(runs, key=lambda r: r.trial.best_val_loss)  # first of equals wins
+    return TrainResult(
+        model=best.model,
+        task=spec.task,
+        loss=batch.loss,
+        feature_names=data.feature_names,
+        classes=data.classes,
+        positive_index=data.positive_index,
+        best_params=best.trial.params,
+        trials=[r.trial for r in runs],
+        history=[e for r in runs for e in r.history],
+        splits=splits,
+        seed=batch.seed,
+    )
+
+
+def batch_spec(spec: PipelineSpec) -> BatchModelSpec:
+    if spec.batch_model is None:
+        raise TrainingError(
+            f"pipeline {spec.name!r} has no batch model", hint="add a batch_model section"
+        )
+    return spec.batch_model
+
+
+def fit(
+    spec: PipelineSpec,
+    data: Dataset,
+    train_rows: slice,
+    val_rows: slice,
+    params: Params,
+    *,
+    trial: int = 1,
+    epochs: int | None = None,
+    progress: Progress | None = None,
+) -> Fitted:
+    """Train one model on ``train_rows``, early-stopping on ``val_rows``; best weights kept."""
+    batch = batch_spec(spec)
+    tr, va = data.take(train_rows), data.take(val_rows)
+    model, loss_fn, y_tr, y_va = _setup(batch.loss, tr, va, params, batch.seed)
+    opt = _optimizer(batch.optimizer, model, params)
+    order = np.random.default_rng(batch.seed)
+    x_tr, x_va = torch.from_numpy(tr.X), torch.from_numpy(va.X)
+    history: list[EpochLoss] = []
+    best_loss, best_epoch, best_state = math.inf, 0, _copy_state(model)
+    epoch, stopped = 0, False
+    work = params.batch_size * sum(p.numel() for p in model.parameters())
+    with _threads(1 if work < SINGLE_THREAD_WORK else None):
+        for epoch in range(1, (epochs or batch.epochs) + 1):
+            perm = torch.from_numpy(order.permutation(len(tr)))
+            train_loss = _epoch(model, opt, loss_fn, x_tr[perm], y_tr[perm], params.batch_size)
+            model.eval()
+            with torch.no_grad():
+                val_loss = float(loss_fn(model.logits(x_va), y_va).item())
+            history.append(EpochLoss(trial, epoch, train_loss, val_loss))
+            if progress is not None:
+                progress(trial, epoch, train_loss, val_loss)
+            if not math.isfinite(train_loss):
+                raise TrainingError(f"training loss diverged in trial {trial}", hint="lower lr")
+            if val_loss < best_loss:
+                best_loss, best_epoch, best_state = val_loss, epoch, _copy_state(model)
+            elif epoch - best_epoch >= batch.early_stopping_patience:
+                stopped = True
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return Fitted(model, Trial(trial, params, best_loss, best_epoch, epoch, stopped), history)
+
+
+def _optimizer(kind: str, model: MLP, params: Params) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), params.lr, weight_decay=params.weight_decay)
+    return torch.optim.SGD(  # plain SGD with the usual momentum
+        model.parameters(), params.lr, momentum=0.9, weight_decay=params.weight_decay
+    )
+
+
+def _epoch(
+    model: MLP,
+    opt: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+) -> float:
+    """One pass over (already shuffled) rows in minibatches; the mean training loss."""
+    model.train()
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        opt.zero_grad()
+        loss = loss_fn(model.logits(xb), yb)
+        torch.autograd.backward(loss)
+        opt.step()
+        total += float(loss.item()) * len(xb)
+    return total / len(x)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _setup(
+    loss: str, tr: Dataset, va: Dataset, params: Params, seed: int
+) -> tuple[MLP, LossFn, torch.Tensor, torch.Tensor]:
+    """The module (seeded init, input/target statistics from ``tr``), loss and targets."""
+    n_classes = len(tr.classes)
+    if tr.task == "classification" and len(set(tr.y.tolist())) < 2:
+        raise TrainingError(
+            f"the training window has a single class ({tr.labels[0]!r})",
+            hint="widen the window or wait for labels of the other classes",
+        )
+    if loss == "bce" and (n_classes != 2 or tr.positive_index is None):
+        raise TrainingError(
+            f"loss bce needs two classes including label.positive; found {tr.classes}",
+            hint="set label.positive to one of them, or use loss: cross_entropy",
+        )
+    head, n_out = {"bce": ("sigmoid", 1), "cross_entropy": ("softmax", n_classes)}.get(
+        loss, ("identity", 1)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pos = tr.positive_index or 0
+        model = MLP(tr.X.shape[1], params.hidden, params.activation, n_out, head, pos)
+    std = tr.X.std(axis=0)
+    model.x_mean.copy_(torch.from_numpy(tr.X.mean(axis=0)))
+    model.x_std.copy_(torch.from_numpy(np.where(std > 0, std, 1.0).astype(np.float32)))
+    if loss == "bce":
+        y_tr, y_va = (torch.from_numpy(d.y == pos).float().unsqueeze(1) for d in (tr, va))
+        return model, nn.BCEWithLogitsLoss(), y_tr, y_va
+    if loss == "cross_entropy":
+        return model, nn.CrossEntropyLoss(), torch.from_numpy(tr.y), torch.from_numpy(va.y)
+    mean, sd = float(tr.y.mean()), float(tr.y.std())
+    sd = sd if sd > 0 else 1.0
+    model.y_mean.fill_(mean)
+    model.y_std.fill_(sd)
+    y_tr, y_va = (torch.from_numpy((d.y - mean) / sd).float().unsqueeze(1) for d in (tr, va))
+    return model, nn.MSELoss(), y_tr, y_va
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads for the block (None: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
