@@ -185,24 +185,12 @@ def query(
     """Run a SQL query against the warehouse and print the result.
 
     With embedded chDB owned by a running worker, the query goes through that worker."""
-    from streamml.errors import WarehouseLockedError
-    from streamml.streams.warehouse import QueryResult, Warehouse
+    from streamml.streams.warehouse import run_query
 
     settings = _settings()
 
     def action() -> None:
-        try:
-            with Warehouse.connect(settings) as warehouse:
-                result = warehouse.query(sql)
-        except WarehouseLockedError as locked:
-            from streamml.devstack.worker import WorkerProcess
-
-            worker = WorkerProcess(settings, [], settings.state_dir / "worker.log")
-            try:
-                columns, found = worker.query(sql)
-            except OSError:  # no worker of ours answers: someone else holds the lock
-                raise locked from None
-            result = QueryResult(columns, [tuple(r) for r in found])
+        result = run_query(settings, sql)
         if fmt is OutputFormat.json:
             rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
             sys.stdout.write(json.dumps(rows, default=_jsonable) + "\n")
@@ -421,3 +409,13 @@ def _print_demo(report: Any) -> None:
 
 def main() -> None:
     app()
+
+
+def _register_model_commands() -> None:
+    from streamml.cli_models import models_app, train
+
+    app.add_typer(models_app, name="models")
+    app.command()(train)
+
+
+_register_model_commands()

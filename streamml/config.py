@@ -185,6 +185,19 @@ class Settings(BaseSettings):
         default=Path("pipelines"),
         description="STREAMML_PIPELINES_DIR: folder of pipeline specs (<name>.yaml).",
     )
+    registry_dir: Path | None = Field(
+        default=None,
+        description=(
+            "STREAMML_REGISTRY_DIR: the model registry, shared by every worker and the CLI "
+            "(default: <state_dir>/models)."
+        ),
+    )
+    reports_dir: Path | None = Field(
+        default=None,
+        description=(
+            "STREAMML_REPORTS_DIR: training and evaluation reports (default: <state_dir>/reports)."
+        ),
+    )
     batch_max_records: int = Field(
         default=2000,
         ge=1,
@@ -194,12 +207,12 @@ class Settings(BaseSettings):
         ),
     )
     fetch_max_wait_ms: int = Field(
-        default=5,
+        default=100,
         ge=0,
         le=10_000,
         description=(
-            "STREAMML_FETCH_MAX_WAIT_MS: how long the broker may hold a fetch for more data; "
-            "lower means lower latency at low rates."
+            "STREAMML_FETCH_MAX_WAIT_MS: how long the broker may hold an empty fetch; it "
+            "answers as soon as data arrives, so this costs no latency (lower = busier idle)."
         ),
     )
     commit_interval_ms: int = Field(
@@ -313,6 +326,14 @@ class Settings(BaseSettings):
     def warehouse_dsn(self) -> str:
         """DSN of the warehouse: the configured server or embedded chDB in the state dir."""
         return self.clickhouse_dsn or f"chdb://{self.state_dir / 'chdb'}"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry_dir or self.state_dir / "models"
+
+    @property
+    def reports_path(self) -> Path:
+        return self.reports_dir or self.state_dir / "reports"
 
     @property
     def embedded_warehouse(self) -> bool:

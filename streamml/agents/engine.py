@@ -28,13 +28,20 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
+from opentelemetry import trace
 
 from streamml import telemetry
 from streamml.agents.ingest import ingest
 from streamml.agents.learn import emit_metrics, housekeeping, on_label, snapshot
 from streamml.agents.runtime import MODEL, STATS, WINDOW, PartitionState, PipelineRuntime
-from streamml.agents.score import score
+from streamml.agents.score import Scored, score_batch
 from streamml.config import Settings
+from streamml.errors import StreamMLError
+from streamml.models import serving
+from streamml.models.registry import Registry
+from streamml.models.serving import ONLINE, Deployment, Slot, online_version
+from streamml.schemas.control import ControlEvent
+from streamml.streams import control
 from streamml.streams.changelog import read_latest
 from streamml.streams.kafka import bounded, close_quietly
 from streamml.streams.outbox import Headers, Outbox
@@ -43,6 +50,7 @@ from streamml.streams.topics import dumps
 log = logging.getLogger("streamml.engine")
 
 HOUSEKEEPING_EVERY_S = 1.0
+SLOW_BATCH_S = 0.1  # a batch taking longer is logged with where the time went
 
 
 def _traceparent_id(headers: Iterable[tuple[str, bytes]]) -> str:
@@ -67,6 +75,12 @@ class PipelineEngine:
         self._housekept_at = time.monotonic()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self.registry = Registry(settings.registry_path)
+        # the online model alone until the registry has been read
+        self.deployment = Deployment(
+            Slot("champion", ONLINE, rt.spec.online_model.kind, online_version(rt.spec))
+        )
+        self._reload: ControlEvent | None = None
 
     # --- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
@@ -93,12 +107,24 @@ class PipelineEngine:
             request_timeout_ms=int(max(s.request_timeout_s, s.session_timeout_s + 5) * 1000),
         )
         await bounded("start the producer", boot, producer.start(), s.request_timeout_s)
+        following = asyncio.Event()
+        control = asyncio.create_task(self._follow_control(following))
+        waiting = asyncio.ensure_future(following.wait())
+        await asyncio.wait({control, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if control.done():  # it could not follow the control topic: say why
+            waiting.cancel()
+            control.result()
+        # from here on no deployment change is missed ...
+        await self._apply_deployment(None)  # ... and this reads what is deployed now
         await bounded("start the consumer", boot, consumer.start(), s.request_timeout_s)
         consumer.subscribe([rt.topics["raw"], rt.topics["labels"]], listener=_Listener(self))
         try:
             while True:
                 batch = await consumer.getmany(timeout_ms=100, max_records=s.batch_max_records)
                 async with self._lock:
+                    if self._reload is not None:  # between batches: no event scored twice
+                        event, self._reload = self._reload, None
+                        await self._apply_deployment(event)
                     if batch:
                         await self._process(batch)
                     if time.monotonic() - self._housekept_at >= HOUSEKEEPING_EVERY_S:
@@ -106,7 +132,41 @@ class PipelineEngine:
                     if time.monotonic() - self._committed_at >= s.commit_interval_ms / 1000:
                         await self._commit()
         finally:
+            control.cancel()
             await self._shutdown()
+
+    # --- deployment ----------------------------------------------------------------
+    async def _follow_control(self, following: asyncio.Event) -> None:
+        async for event in control.follow(self.settings, following):
+            if event.pipeline == self.rt.name and event.changes_deployment:
+                self._reload = event
+
+    async def _apply_deployment(self, event: ControlEvent | None) -> None:
+        """Swap in what the registry says is deployed, or keep serving what is loaded
+        when a model does not verify (and say so on the control topic)."""
+        rt = self.rt
+        try:
+            deployment = await asyncio.to_thread(
+                serving.plan, rt.spec, self.registry, self.deployment
+            )
+        except StreamMLError as exc:
+            rt.counters["models_refused"] += 1
+            log.error(
+                "%s: model refused, still serving %s: %s", rt.name, self.deployment.describe(), exc
+            )
+            refused = ControlEvent.new(
+                rt.name,
+                "model_refused",
+                version=event.version if event else "",
+                reason=str(exc),
+                details={"serving": self.deployment.describe()},
+            )
+            await control.publish(self.settings, refused)
+            return
+        if deployment != self.deployment:
+            log.info("%s: now serving %s", rt.name, deployment.describe())
+            rt.counters["deployments"] += 1
+        self.deployment = deployment
 
     async def _shutdown(self) -> None:
         try:
@@ -123,6 +183,7 @@ class PipelineEngine:
 
     # --- the batch ---------------------------------------------------------------
     async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        t_start = time.perf_counter()
         rt = self.rt
         assert self._consumer is not None and self._producer is not None
         tel = rt.telemetry
@@ -140,17 +201,27 @@ class PipelineEngine:
             state = rt.states[tp.partition]
             touched.append(state)
             if tp.topic == raw_topic:
-                for message in records:
-                    self._raw(state, message, out, outcomes, spent)
+                self._raw(state, records, out, outcomes, spent)
             else:
                 t0 = time.perf_counter()
                 for message in records:
-                    outcomes["learn", on_label(rt, state, message, out)] += 1
+                    outcomes["learn", on_label(rt, state, message, self.deployment, out)] += 1
                 spent["learn"] += time.perf_counter() - t0
             done[tp] = records[-1].offset + 1
         self._log_state(touched, out)
-        await out.flush()
+        t_flush = time.perf_counter()
+        sent = await out.flush()
         self._uncommitted.update(done)
+        t_end = time.perf_counter()
+        if t_end - t_start > SLOW_BATCH_S:
+            log.warning(
+                "%s: slow batch: %d records in, %d out; processing %.0f ms, delivery %.0f ms",
+                rt.name,
+                sum(len(r) for r in batch.values()),
+                sent,
+                (t_flush - t_start) * 1000,
+                (t_end - t_flush) * 1000,
+            )
         for (step, outcome), n in outcomes.items():
             tel.count(rt.name, step, outcome, n)
         for step, seconds in spent.items():
@@ -161,39 +232,45 @@ class PipelineEngine:
     def _raw(
         self,
         state: PartitionState,
-        message: ConsumerRecord[bytes, bytes],
+        records: list[ConsumerRecord[bytes, bytes]],
         out: Outbox,
         outcomes: Counter[tuple[str, str]],
         spent: dict[str, float],
     ) -> None:
+        """validate + featurize each record, then score the partition's batch at once."""
         rt = self.rt
         tel = rt.telemetry
         t0 = time.perf_counter()
-        incoming: Headers = message.headers or ()
-        if tel.enabled:  # a span per step, continuing the producer's trace
-            with tel.tracer.start_as_current_span(
-                f"{rt.name}.ingest", context=telemetry.extract(incoming)
-            ):
-                headers: Headers = telemetry.inject()
+        items: list[Scored] = []
+        links: list[trace.Link] = []
+        for message in records:
+            incoming: Headers = message.headers or ()
+            if tel.enabled:  # a span per event, continuing the producer's trace
+                with tel.tracer.start_as_current_span(
+                    f"{rt.name}.ingest", context=telemetry.extract(incoming)
+                ) as span:
+                    headers: Headers = telemetry.inject()
+                    result = ingest(rt, state, message, headers, out)
+                    trace_id = telemetry.trace_id()
+                    links.append(trace.Link(span.get_span_context()))
+            else:  # no spans: pass the producer's trace context on as it came
+                headers = incoming
                 result = ingest(rt, state, message, headers, out)
-                t1 = time.perf_counter()
-                if result is not None:
-                    with tel.tracer.start_as_current_span(f"{rt.name}.score"):
-                        headers = telemetry.inject()
-                        trace = telemetry.trace_id()
-                        score(rt, state, message, *result, headers, trace, out)
-        else:  # no spans: pass the producer's trace context on as it came
-            result = ingest(rt, state, message, incoming, out)
-            t1 = time.perf_counter()
-            if result is not None:
-                trace = _traceparent_id(incoming)
-                score(rt, state, message, *result, incoming, trace, out)
-        t2 = time.perf_counter()
+                trace_id = _traceparent_id(incoming)
+            if result is None:
+                outcomes["ingest", "dead_letter"] += 1
+            else:
+                outcomes["ingest", "ok"] += 1
+                items.append(Scored(message, *result, headers, trace_id))
+        t1 = time.perf_counter()
+        if tel.enabled:  # one span for the batch, linked to each event's trace
+            with tel.tracer.start_as_current_span(f"{rt.name}.score", links=links):
+                score_batch(rt, state, items, self.deployment, out)
+        else:
+            score_batch(rt, state, items, self.deployment, out)
         spent["ingest"] += t1 - t0
-        outcomes["ingest", "ok" if result is not None else "dead_letter"] += 1
-        if result is not None:
-            spent["score"] += t2 - t1
-            outcomes["score", "ok"] += 1
+        spent["score"] += time.perf_counter() - t1
+        outcomes["score", "ok"] += len(items)
 
     def _log_state(self, states: Iterable[PartitionState], out: Outbox) -> None:
         """Changed windows and statistics to the state changelog, once per key per batch."""
@@ -237,8 +314,9 @@ class PipelineEngine:
             state = self.rt.states.get(p)
             if state is None:
                 continue
-            if state.minute is not None and state.minute.n:
-                emit_metrics(self.rt, state, state.minute, out)
+            for window in state.minutes.values():
+                if window.n:
+                    emit_metrics(self.rt, state, window, out)
             if state.learner.learned != state.snapshot_learned:
                 snapshot(self.rt, state, out)
         await out.flush()

@@ -22,7 +22,8 @@ from streamml.agents.runtime import (
     PartitionState,
     PipelineRuntime,
 )
-from streamml.models.online import coerce_label, metric_values, new_metrics
+from streamml.models.online import Prediction, coerce_label, metric_values, new_metrics
+from streamml.models.serving import ONLINE, Deployment
 from streamml.streams.outbox import Outbox
 from streamml.streams.topics import dumps, loads
 
@@ -32,7 +33,11 @@ METRICS_EVERY_S = 5.0
 
 
 def on_label(
-    rt: PipelineRuntime, state: PartitionState, message: ConsumerRecord[bytes, bytes], out: Outbox
+    rt: PipelineRuntime,
+    state: PartitionState,
+    message: ConsumerRecord[bytes, bytes],
+    deployment: Deployment,
+    out: Outbox,
 ) -> str:
     """Handle one label record; returns its outcome (learned, early or malformed)."""
     label_field = rt.spec.label.field
@@ -51,28 +56,53 @@ def on_label(
         rt.counters["labels_early"] += 1
         return "early"
     out.add(rt.topics["state"], state.partition, JOIN + ident, None)
-    learn_one(rt, state, stored[1], label, out)
+    learn_one(rt, state, stored[1], label, deployment, out)
     return "learned"
 
 
 def learn_one(
-    rt: PipelineRuntime, state: PartitionState, features: dict[str, float], label: Any, out: Outbox
+    rt: PipelineRuntime,
+    state: PartitionState,
+    features: dict[str, float],
+    label: Any,
+    deployment: Deployment,
+    out: Outbox,
 ) -> None:
-    """Test-then-train on one labelled event, and account it in the open minute."""
+    """Test-then-train the online model on one labelled event, and account the label in
+    the open minute of every deployed model (batch models are scored on it, not trained)."""
     learner = state.learner
     before = learner.learn(features, label)
     rt.counters["learned"] += 1
+    target = coerce_label(label, learner.classification)
+    online_role = "champion" if deployment.champion.kind == ONLINE else "shadow"
+    _account(rt, state, learner.version, online_role, before, target, out)
+    for slot in deployment.batch_slots:
+        assert slot.scorer is not None
+        _account(rt, state, slot.version, slot.role, slot.scorer.predict(features), target, out)
+    if learner.learned % rt.spec.online_model.snapshot_every == 0:
+        snapshot(rt, state, out)
+
+
+def _account(
+    rt: PipelineRuntime,
+    state: PartitionState,
+    version: str,
+    role: str,
+    prediction: Prediction,
+    target: Any,
+    out: Outbox,
+) -> None:
     now_ms = int(time.time() * 1000)
     start = now_ms - now_ms % MINUTE_MS
-    window = state.minute
+    window = state.minutes.get((version, role))
     if window is None or window.start_ms != start:
         if window is not None and window.n:  # the closing minute's last word
             emit_metrics(rt, state, window, out)
-        window = state.minute = MinuteMetrics(start, new_metrics(rt.spec))
-    learner.score_into(window.metrics, before, coerce_label(label, learner.classification))
+        window = state.minutes[version, role] = MinuteMetrics(
+            version, role, start, new_metrics(rt.spec)
+        )
+    state.learner.score_into(window.metrics, prediction, target)
     window.n += 1
-    if learner.learned % rt.spec.online_model.snapshot_every == 0:
-        snapshot(rt, state, out)
     if window.n % METRICS_EVERY_LABELS == 0:
         emit_metrics(rt, state, window, out)
 
@@ -96,8 +126,8 @@ def emit_metrics(
             dumps(
                 {
                     "pipeline": rt.name,
-                    "model_version": state.learner.version,
-                    "role": "champion",
+                    "model_version": window.version,
+                    "role": window.role,
                     "metric": metric_name,
                     "window_start_ms": window.start_ms,
                     "partition": state.partition,
@@ -113,9 +143,10 @@ def housekeeping(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> Non
     dashboards do not wait for the minute to end), model snapshots every
     ``snapshot_interval_s``, and expiry of joins and early labels past ``label.ttl_s``."""
     now = time.monotonic()
-    window = state.minute
-    if window is not None and window.n and now - state.metrics_sent_at >= METRICS_EVERY_S:
-        emit_metrics(rt, state, window, out)
+    if now - state.metrics_sent_at >= METRICS_EVERY_S:
+        for window in state.minutes.values():
+            if window.n:
+                emit_metrics(rt, state, window, out)
     learned = state.learner.learned
     if learned != state.snapshot_learned and (
         now - state.snapshot_at >= rt.spec.online_model.snapshot_interval_s

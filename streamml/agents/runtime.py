@@ -33,8 +33,11 @@ STATS, MODEL = b"s:", b"m:"
 
 @dataclass
 class MinuteMetrics:
-    """One partition's prequential metrics over the labels of one wall-clock minute."""
+    """One partition's metrics of one model (version and role) over the labels of one
+    wall-clock minute."""
 
+    version: str
+    role: str
     start_ms: int
     metrics: dict[str, Any]
     n: int = 0
@@ -52,7 +55,7 @@ class PartitionState:
     early: dict[str, tuple[int, Any]] = field(default_factory=dict)
     dirty_windows: set[str] = field(default_factory=set)
     stats_dirty: bool = False
-    minute: MinuteMetrics | None = None
+    minutes: dict[tuple[str, str], MinuteMetrics] = field(default_factory=dict)
     snapshot_at: float = field(default_factory=time.monotonic)
     snapshot_learned: int = 0
     metrics_sent_at: float = field(default_factory=time.monotonic)

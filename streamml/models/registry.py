@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamml.config import Settings
 from streamml.errors import ArtifactIntegrityError, RegistryError
 
 KINDS = ("batch", "online")
@@ -134,11 +133,6 @@ class Registry:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Registry:
-        """The registry every streamml process shares: ``<state_dir>/models``."""
-        return cls(settings.state_dir / "models")
 
     def register(
         self,
@@ -279,6 +273,22 @@ class Registry:
             _move(state, current, "archived")
             _commit(pdir, state, "rollback", target, from_stage, reason, previous=current)
             return self._load(pdir, pipeline, target, state)
+
+    def retire_champion(self, pipeline: str, *, reason: str | None = None) -> ModelVersion:
+        """Archive the champion and leave none (the pipeline's online model serves again);
+        return the retired version."""
+        with self._edit(pipeline) as (pdir, state):
+            current = state["champion"]
+            if current is None:
+                raise RegistryError(f"{pipeline} has no champion to retire")
+            _move(state, current, "archived")
+            state["champion"] = None
+            _commit(pdir, state, "retire", current, "champion", reason)
+            return self._load(pdir, pipeline, current, state)
+
+    def can_roll_back(self, pipeline: str) -> bool:
+        """Is there an earlier batch champion to bring back?"""
+        return bool(self._read(pipeline)[1]["rollback"])
 
     def archive(self, pipeline: str, version: str, *, reason: str | None = None) -> ModelVersion:
         """Retire a version (a challenger stops being one); archiving twice changes nothing."""

@@ -80,9 +80,20 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.event_ids)
 
-    def take(self, part: slice) -> Dataset:
-        rows = ("event_ids", "ts_ms", "X", "labels", "y")
-        return dataclasses.replace(self, **{name: getattr(self, name)[part] for name in rows})
+    def take(self, part: slice | Sequence[int]) -> Dataset:
+        """The rows of a slice, or of a list of row numbers."""
+        if isinstance(part, slice):
+            rows = ("event_ids", "ts_ms", "X", "labels", "y")
+            return dataclasses.replace(self, **{name: getattr(self, name)[part] for name in rows})
+        index = np.asarray(part, dtype=np.int64)
+        return dataclasses.replace(
+            self,
+            event_ids=[self.event_ids[i] for i in part],
+            ts_ms=self.ts_ms[index],
+            X=self.X[index],
+            labels=[self.labels[i] for i in part],
+            y=self.y[index],
+        )
 
 
 def prepare(

@@ -21,6 +21,8 @@ CORE_TABLES = (
     "drift_events",
     "model_versions",
     "dead_letters",
+    "features",
+    "audit_events",
 )
 
 

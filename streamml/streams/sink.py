@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import json
 import logging
 import time
 from collections import defaultdict
@@ -23,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from streamml.config import Settings
 from streamml.errors import WarehouseError
 from streamml.schemas.spec import PipelineSpec
-from streamml.streams.topics import loads, pipeline_topics
+from streamml.streams.topics import CONTROL_TOPIC, loads, pipeline_topics
 from streamml.streams.warehouse import Warehouse
 
 log = logging.getLogger("streamml.sink")
@@ -66,7 +68,45 @@ DLQ_COLUMNS = [
     "payload",
     "key",
 ]
+FEATURE_COLUMNS = ["pipeline", "event_id", "entity_key", "ts", "features"]
+AUDIT_COLUMNS = [
+    "pipeline",
+    "event_id",
+    "ts",
+    "action",
+    "version",
+    "previous",
+    "reason",
+    "actor",
+    "details",
+]
+MODEL_COLUMNS = [
+    "pipeline",
+    "model_name",
+    "version",
+    "stage",
+    "kind",
+    "artifact_uri",
+    "sha256",
+    "spec_hash",
+    "features",
+    "train_start",
+    "train_end",
+    "metrics",
+    "parent_version",
+    "traffic_share",
+    "created_at",
+    "updated_at",
+    "mode",
+    "task",
+    "classes",
+    "train_rows",
+    "params",
+]
 COLUMNS = {
+    "features": FEATURE_COLUMNS,
+    "audit_events": AUDIT_COLUMNS,
+    "model_versions": MODEL_COLUMNS,
     "predictions": PREDICTION_COLUMNS,
     "labels": LABEL_COLUMNS,
     "metrics": METRIC_COLUMNS,
@@ -146,9 +186,64 @@ def dlq_row(v: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _label_parser(pipeline: str, label_field: str) -> Callable[[ConsumerRecord], tuple[Any, ...]]:
-    def parse(record: ConsumerRecord) -> tuple[Any, ...]:
-        return label_row(pipeline, label_field, loads(record.value), record.timestamp)
+def feature_row(pipeline: str, v: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        pipeline,
+        str(v["event_id"]),
+        str(v.get("entity_key", "")),
+        _ts(v["ts_ms"]),
+        {str(k): float(x) for k, x in v["features"].items()},
+    )
+
+
+def _when(value: Any) -> dt.datetime | None:
+    """A registry timestamp (ISO text or epoch ms) as a UTC datetime."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, int | float):
+        return _ts(value)
+    moment = dt.datetime.fromisoformat(str(value))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def control_rows(v: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """An event of streamml.control -> its audit row, and its model_versions row if any."""
+    rows: list[tuple[str, tuple[Any, ...]]] = [
+        (
+            "audit_events",
+            (
+                v["pipeline"],
+                v["event_id"],
+                _ts(v["ts_ms"]),
+                v["action"],
+                v.get("version", ""),
+                v.get("previous", ""),
+                v.get("reason", ""),
+                v.get("actor", ""),
+                json.dumps(v.get("details") or {}, sort_keys=True, default=str),
+            ),
+        )
+    ]
+    model = v.get("model")
+    if model:
+        row = dict(model)
+        for key in ("train_start", "train_end", "created_at", "updated_at"):
+            row[key] = _when(row.get(key))
+        row["updated_at"] = row["updated_at"] or _ts(v["ts_ms"])
+        rows.append(("model_versions", tuple(row.get(c) for c in MODEL_COLUMNS)))
+    return rows
+
+
+Route = Callable[[ConsumerRecord[bytes, bytes]], list[tuple[str, tuple[Any, ...]]]]
+
+
+def _one(table: str, to_row: Callable[[dict[str, Any]], tuple[Any, ...]]) -> tuple[str, Route]:
+    return table, lambda r: [(table, to_row(loads(r.value)))]
+
+
+def _label_parser(pipeline: str, label_field: str) -> Route:
+    def parse(record: ConsumerRecord[bytes, bytes]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [("labels", label_row(pipeline, label_field, loads(record.value), record.timestamp))]
 
     return parse
 
@@ -178,17 +273,22 @@ class WarehouseSink:
         self.max_rows = max_rows
         self.flush_interval_ms = flush_interval_ms
         self.stats = SinkStats()
-        self._routes: dict[str, tuple[str, Callable[[ConsumerRecord], tuple[Any, ...]]]] = {}
+        # topic -> what it is called in logs, and its record -> [(table, row), ...]
+        self._routes: dict[str, tuple[str, Route]] = {
+            CONTROL_TOPIC: ("control", lambda r: control_rows(loads(r.value)))
+        }
         for spec in specs:
             topics = pipeline_topics(spec)
-            name = spec.name
-            self._routes[topics["predictions"]] = (
-                "predictions",
-                lambda r: prediction_row(loads(r.value)),
+            self._routes[topics["predictions"]] = _one("predictions", prediction_row)
+            self._routes[topics["labels"]] = (
+                "labels",
+                _label_parser(spec.name, spec.label.field),
             )
-            self._routes[topics["labels"]] = ("labels", _label_parser(name, spec.label.field))
-            self._routes[topics["metrics"]] = ("metrics", lambda r: metric_row(loads(r.value)))
-            self._routes[topics["dlq"]] = ("dead_letters", lambda r: dlq_row(loads(r.value)))
+            self._routes[topics["metrics"]] = _one("metrics", metric_row)
+            self._routes[topics["dlq"]] = _one("dead_letters", dlq_row)
+            self._routes[topics["features"]] = _one(
+                "features", functools.partial(feature_row, spec.name)
+            )
         self._stopping = asyncio.Event()
 
     @property
@@ -219,14 +319,15 @@ class WarehouseSink:
                 )
                 for tp, records in batch.items():
                     for record in records:
-                        table, to_row = self._routes[record.topic]
+                        what, to_rows = self._routes[record.topic]
                         try:
-                            buffers[table].append(to_row(record))
+                            for table, row in to_rows(record):
+                                buffers[table].append(row)
                         except (ValueError, KeyError, TypeError) as exc:
                             self.stats.bad_messages += 1
                             log.warning(
                                 "skipping malformed %s record at %s@%d: %s",
-                                table,
+                                what,
                                 tp,
                                 record.offset,
                                 exc,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,3 +211,28 @@ def _first_line(exc: BaseException) -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def run_query(settings: Settings, sql: str) -> QueryResult:
+    """Run ``sql`` on the warehouse; when a running worker owns the embedded chDB, through
+    that worker's ``/query`` endpoint (the only process that may open it)."""
+    try:
+        with Warehouse.connect(settings) as warehouse:
+            return warehouse.query(sql)
+    except WarehouseLockedError as locked:
+        request = urllib.request.Request(
+            f"http://{settings.web_host}:{settings.web_port}/query",
+            data=json.dumps({"sql": sql}).encode(),
+            method="POST",
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(
+                request, timeout=max(60.0, settings.request_timeout_s)
+            ) as r:
+                data = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise WarehouseError(f"query failed: {exc.read().decode()[:500]}") from None
+        except OSError:  # no worker of ours answers: someone else holds the lock
+            raise locked from None
+        return QueryResult(data["columns"], [tuple(row) for row in data["rows"]])

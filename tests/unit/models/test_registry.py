@@ -229,6 +229,18 @@ def test_rollback_walks_back_through_champions(reg: Registry) -> None:
         reg.rollback("demo")
 
 
+def test_retiring_the_first_champion_leaves_none(reg: Registry) -> None:
+    register_dummy(reg)
+    reg.promote("demo", "v1")
+    assert not reg.can_roll_back("demo")
+    retired = reg.retire_champion("demo", reason="worse than the online model")
+    assert (retired.version, retired.stage) == ("v1", "archived")
+    assert reg.champion("demo") is None
+    assert reg.history("demo")[-1]["action"] == "retire"
+    with pytest.raises(RegistryError, match="no champion to retire"):
+        reg.retire_champion("demo")
+
+
 def test_rollback_without_any_champion_is_refused(reg: Registry) -> None:
     register_dummy(reg)
     with pytest.raises(RegistryError, match="it has no champion") as err:
@@ -451,9 +463,11 @@ def test_several_canaries_get_disjoint_keys(reg: Registry) -> None:
     assert sum(p is None for p in picked) == 10_000 - counts["v2"] - counts["v3"]
 
 
-def test_the_shared_registry_lives_in_the_state_dir(tmp_path: Path) -> None:
+def test_the_shared_registry_lives_in_the_state_dir_unless_set(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path / "state")
-    assert Registry.from_settings(settings).root == tmp_path.resolve() / "state" / "models"
+    assert Registry(settings.registry_path).root == tmp_path.resolve() / "state" / "models"
+    elsewhere = load_settings(state_dir=tmp_path / "state", registry_dir=tmp_path / "shared")
+    assert Registry(elsewhere.registry_path).root == tmp_path.resolve() / "shared"
 
 
 def test_temporary_registry_is_removed_afterwards() -> None:

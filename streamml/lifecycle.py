@@ -1,0 +1,378 @@
+"""The model lifecycle as users drive it: train from the warehouse, evaluate, export and
+check ONNX, register, deploy, promote, roll back, archive.
+
+Every step that changes something is also an event on ``streamml.control`` (the audit
+trail; scorers hot-swap on the deployment ones). ``streamml train`` and ``streamml
+models ...`` call these functions; so does the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamml.config import Settings
+from streamml.errors import RegistryError, TrainingError
+from streamml.models import evaluation, training
+from streamml.models.onnx_model import OnnxScorer, check_parity, export_onnx
+from streamml.models.registry import ModelVersion, Registry
+from streamml.models.serving import online_version
+from streamml.schemas.control import ControlEvent
+from streamml.schemas.spec import PipelineSpec
+from streamml.streams import control
+from streamml.streams.warehouse import QueryResult, run_query
+
+log = logging.getLogger("streamml.lifecycle")
+Progress = Callable[[int, int, float, float], None]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which labelled events to train on: a time range (ms) and/or the last N events.
+    ``cutoff_ms``: only labels the warehouse knew by then count (point in time)."""
+
+    since_ms: int | None = None
+    until_ms: int | None = None
+    last_events: int | None = None
+    cutoff_ms: int | None = None
+
+
+@dataclass
+class Outcome:
+    version: ModelVersion
+    report: evaluation.EvaluationReport
+    report_dir: Path
+    parity_max_diff: float
+    deployed_as: str  # challenger-shadow | challenger-canary | champion | archived
+    champion_version: str
+    champion_metrics: dict[str, float] | None
+    events: list[ControlEvent] = field(default_factory=list)
+
+
+def _label(text: str) -> Any:
+    """A label as the warehouse stores it (text) back to its value."""
+    if text in ("True", "False"):
+        return text == "True"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def training_sql(spec: PipelineSpec, window: Window) -> str:
+    """Features joined with labels, point-in-time correct: each event's features as the
+    pipeline computed them at event time, and only labels known by the cutoff."""
+    name = spec.name.replace("'", "")
+    where = [f"pipeline = '{name}'"]
+    if window.since_ms is not None:
+        where.append(f"ts >= fromUnixTimestamp64Milli({int(window.since_ms)})")
+    if window.until_ms is not None:
+        where.append(f"ts < fromUnixTimestamp64Milli({int(window.until_ms)})")
+    cutoff = window.cutoff_ms if window.cutoff_ms is not None else window.until_ms
+    known = f"AND inserted_at <= fromUnixTimestamp64Milli({int(cutoff)})" if cutoff else ""
+    limit = f"ORDER BY ts_ms DESC LIMIT {int(window.last_events)}" if window.last_events else ""
+    return f"""
+        SELECT event_id, ts_ms, features, label FROM (
+            SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.ts) AS ts_ms,
+                   f.features AS features, l.label AS label
+            FROM (
+                SELECT event_id, argMax(ts, inserted_at) AS ts,
+                       argMax(features, inserted_at) AS features
+                FROM features WHERE {" AND ".join(where)} GROUP BY event_id
+            ) AS f
+            INNER JOIN (
+                SELECT event_id, argMax(label, inserted_at) AS label
+                FROM labels WHERE pipeline = '{name}' {known} GROUP BY event_id
+            ) AS l ON f.event_id = l.event_id
+            {limit}
+        ) ORDER BY ts_ms, event_id
+    """
+
+
+def read_training_rows(settings: Settings, spec: PipelineSpec, window: Window) -> Any:
+    """The training frame (one row per labelled event, a column per feature)."""
+    result = run_query(settings, training_sql(spec, window))
+    rows = [(str(e), int(ts), dict(f), _label(str(y))) for e, ts, f, y in result.rows]
+    if not rows:
+        raise TrainingError(
+            f"{spec.name}: no labelled events with features in the warehouse for this window",
+            hint="stream events and labels through the pipeline first (streamml produce)",
+        )
+    return training.frame_from_rows(rows)
+
+
+def champion_metrics(
+    settings: Settings,
+    spec: PipelineSpec,
+    registry: Registry,
+    result: training.TrainResult,
+    frame: Any,
+) -> tuple[str, dict[str, float] | None]:
+    """The serving champion measured on the candidate's test rows: a batch champion is
+    re-scored; the online champion by the predictions it served for those events."""
+    data = training.prepare(spec, frame, feature_names=result.feature_names, classes=result.classes)
+    start = int(np.searchsorted(data.ts_ms, result.splits.test.ts_min_ms, side="left"))
+    test = data.take(slice(start, None))
+    entry = registry.champion(spec.name)
+    if entry is not None:
+        scorer = OnnxScorer(
+            entry.artifact, entry.feature_names, list(entry.classes or []), entry.task
+        )
+        X = np.zeros((len(test), len(entry.feature_names)), dtype=np.float32)
+        index = {n: j for j, n in enumerate(entry.feature_names)}
+        for j, name in enumerate(result.feature_names):
+            if name in index:
+                X[:, index[name]] = test.X[:, j]
+        outputs = scorer.predict_batch(X)
+        return entry.version, evaluation.metrics_for(test, _align(outputs, entry, result))
+    version = online_version(spec)
+    ids = "','".join(e.replace("'", "") for e in test.event_ids)
+    served = run_query(
+        settings,
+        f"SELECT event_id, any(score), any(probabilities) FROM predictions "
+        f"WHERE pipeline = '{spec.name}' AND model_version = '{version}' "
+        f"AND event_id IN ('{ids}') GROUP BY event_id",
+    )
+    found = {str(r[0]): (float(r[1]), dict(r[2])) for r in served.rows}
+    keep = [i for i, e in enumerate(test.event_ids) if e in found]
+    if len(keep) < max(1, len(test) // 2):
+        return version, None  # the online model did not serve these events
+    subset = test.take(keep)
+    if spec.task == "regression":
+        outputs = np.asarray([[found[subset.event_ids[i]][0]] for i in range(len(subset))])
+    else:
+        keys = [str(c) for c in result.classes]
+        outputs = np.asarray(
+            [[found[e][1].get(k, 0.0) for k in keys] for e in subset.event_ids], dtype=np.float32
+        )
+    return version, evaluation.metrics_for(subset, outputs.astype(np.float32))
+
+
+def _align(outputs: Any, entry: ModelVersion, result: training.TrainResult) -> Any:
+    """A champion's class columns in the candidate's class order."""
+    if result.task == "regression":
+        return outputs
+    theirs = [str(c) for c in (entry.classes or [])]
+    cols = [theirs.index(str(c)) if str(c) in theirs else None for c in result.classes]
+    aligned = np.zeros((len(outputs), len(cols)), dtype=np.float32)
+    for j, col in enumerate(cols):
+        if col is not None:
+            aligned[:, j] = outputs[:, col]
+    return aligned
+
+
+def train_and_register(
+    settings: Settings,
+    spec: PipelineSpec,
+    window: Window,
+    *,
+    progress: Progress | None = None,
+    reason: str = "manual",
+    deploy: bool = True,
+) -> Outcome:
+    """Train, evaluate against the champion, export + parity-check ONNX, register; then
+    deploy per the decision (challenger, or champion when the spec serves batch and none
+    exists yet) or archive."""
+    if spec.batch_model is None:
+        raise TrainingError(f"{spec.name}: the spec has no batch_model section")
+    registry = Registry(settings.registry_path)
+    cutoff = window.cutoff_ms or int(time.time() * 1000)
+    window = Window(window.since_ms, window.until_ms, window.last_events, cutoff)
+    frame = read_training_rows(settings, spec, window)
+    result = training.train(spec, frame, progress=progress)
+    champ_version, champ = champion_metrics(settings, spec, registry, result, frame)
+    report = evaluation.evaluate(spec, result, frame, champion_metrics=champ)
+    events = [
+        ControlEvent.new(
+            spec.name,
+            "trained",
+            reason=reason,
+            details={
+                "rows": len(frame),
+                "best_params": report.best_params,
+                "seed": result.seed,
+                "window": {"since_ms": window.since_ms, "until_ms": window.until_ms},
+            },
+        )
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(result, path)
+        data = training.prepare(spec, frame, feature_names=result.feature_names)
+        test_rows = data.take(result.splits.test.slice)
+        tolerance = spec.batch_model.onnx.parity_tolerance
+        diff = check_parity(result, path, test_rows.X, tolerance)
+        ts = data.ts_ms
+        parent = registry.champion(spec.name)
+        version = registry.register(
+            spec.name,
+            path,
+            kind="batch",
+            model_name=spec.batch_model.kind,
+            spec_hash=spec.spec_hash,
+            feature_names=list(result.feature_names),
+            classes=[str(c) for c in result.classes] if spec.task == "classification" else None,
+            task=spec.task,
+            training_window={
+                "start": int(ts.min()),
+                "end": int(ts.max()),
+                "rows": len(frame),
+            },
+            metrics=report.metrics,
+            params=dict(report.best_params),
+            parent_version=parent.version if parent else None,
+            extra={"parity_max_abs_diff": diff, "champion_compared": champ_version},
+        )
+    report_dir = settings.reports_path / spec.name / version.version
+    evaluation.write_report(report, report_dir)
+    decision = report.decision
+    assert decision is not None
+    events.append(
+        ControlEvent.new(
+            spec.name,
+            "evaluated",
+            version=version.version,
+            previous=champ_version,
+            reason=decision.reason,
+            details={"metrics": report.metrics, "champion": champ, "deploy": decision.deploy},
+        )
+    )
+    events.append(_event(spec, "registered", version, reason=f"parity max diff {diff:.2e}"))
+    deployed_as = "registered"
+    if deploy:
+        deployed_as, event = _deploy(registry, spec, version, decision.deploy, decision.reason)
+        events.append(event)
+    asyncio.run(control.publish(settings, *events))
+    return Outcome(
+        registry.get(spec.name, version.version),
+        report,
+        report_dir,
+        diff,
+        deployed_as,
+        champ_version,
+        champ,
+        events,
+    )
+
+
+def _deploy(
+    registry: Registry, spec: PipelineSpec, version: ModelVersion, accept: bool, why: str
+) -> tuple[str, ControlEvent]:
+    name = spec.name
+    if not accept:
+        entry = registry.archive(name, version.version, reason=why)
+        return "archived", _event(spec, "archived", entry, reason=why)
+    if spec.serving.champion == "batch" and registry.champion(name) is None:
+        entry = registry.promote(name, version.version, reason=why)
+        return "champion", _event(spec, "promoted", entry, reason=why)
+    mode = spec.serving.challenger_mode
+    share = spec.serving.canary_share if mode == "canary" else None
+    entry = registry.set_challenger(name, version.version, mode, share, reason=why)
+    return f"challenger-{mode}", _event(spec, "challenger_set", entry, reason=why)
+
+
+def _event(
+    spec: PipelineSpec, action: str, entry: ModelVersion, *, reason: str, previous: str = ""
+) -> ControlEvent:
+    return ControlEvent.new(
+        spec.name,
+        action,
+        version=entry.version,
+        previous=previous,
+        reason=reason,
+        model={**entry.to_row(), **entry.extra_columns()},
+    )
+
+
+# --- operations of `streamml models` ------------------------------------------------
+def promote(
+    settings: Settings, spec: PipelineSpec, version: str | None, reason: str
+) -> ModelVersion:
+    registry = Registry(settings.registry_path)
+    before = registry.champion(spec.name)
+    entry = registry.promote(spec.name, version, reason=reason)
+    events = [
+        _event(spec, "promoted", entry, reason=reason, previous=before.version if before else "")
+    ]
+    if before is not None:  # the old champion's row changes stage too
+        events.append(
+            _event(spec, "archived", registry.get(spec.name, before.version), reason="replaced")
+        )
+    asyncio.run(control.publish(settings, *events))
+    return entry
+
+
+def rollback(settings: Settings, spec: PipelineSpec, reason: str) -> str:
+    """Bring back the previous champion; after the first batch champion that is the online
+    model. Returns the version now serving."""
+    registry = Registry(settings.registry_path)
+    before = registry.champion(spec.name)
+    if before is None:
+        raise RegistryError(
+            f"{spec.name} has no batch champion to roll back: the online model serves",
+            hint="see `streamml models list " + spec.name + "`",
+        )
+    if registry.can_roll_back(spec.name):
+        serving = registry.rollback(spec.name, reason=reason)
+        now = serving.version
+        events = [_event(spec, "rolled_back", serving, reason=reason, previous=before.version)]
+    else:
+        retired = registry.retire_champion(spec.name, reason=reason)
+        now = online_version(spec)
+        events = [
+            ControlEvent.new(
+                spec.name, "rolled_back", version=now, previous=before.version, reason=reason
+            )
+        ]
+        del retired
+    archived = registry.get(spec.name, before.version)
+    events.append(_event(spec, "archived", archived, reason=f"rolled back: {reason}"))
+    asyncio.run(control.publish(settings, *events))
+    return now
+
+
+def archive(settings: Settings, spec: PipelineSpec, version: str, reason: str) -> ModelVersion:
+    registry = Registry(settings.registry_path)
+    entry = registry.archive(spec.name, version, reason=reason)
+    asyncio.run(control.publish(settings, _event(spec, "archived", entry, reason=reason)))
+    return entry
+
+
+def set_challenger(
+    settings: Settings,
+    spec: PipelineSpec,
+    version: str,
+    mode: str,
+    share: float | None,
+    reason: str,
+) -> ModelVersion:
+    registry = Registry(settings.registry_path)
+    entry = registry.set_challenger(spec.name, version, mode, share, reason=reason)
+    asyncio.run(control.publish(settings, _event(spec, "challenger_set", entry, reason=reason)))
+    return entry
+
+
+def copy_report(outcome: Outcome, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in outcome.report_dir.iterdir():
+        shutil.copy2(item, dest / item.name)
+    return dest
+
+
+def now_ms() -> int:
+    return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+
+
+__all__ = ["Outcome", "QueryResult", "Window", "train_and_register"]
