@@ -141,9 +141,14 @@ class OnnxScorer:
 
     def vectorize(self, features: Mapping[str, float]) -> FloatArray:
         """One feature dict as a row in model order (missing: 0.0, unknown keys ignored)."""
-        row = np.zeros(len(self.feature_names), dtype=np.float32)
+        return np.asarray(self._row(features), dtype=np.float32)
+
+    def _row(self, features: Mapping[str, float]) -> list[float]:
+        # a Python list filled then converted once: item assignment into numpy is slower
+        row = [0.0] * len(self.feature_names)
+        index = self.index
         for name, value in features.items():
-            j = self.index.get(name)
+            j = index.get(name)
             if j is not None:
                 row[j] = value
         return row
@@ -160,15 +165,21 @@ class OnnxScorer:
         """Predictions for feature dicts, built as OnlineLearner.predict builds them."""
         if not vectors:
             return []
-        out = self.predict_batch(np.stack([self.vectorize(v) for v in vectors]))
+        X = np.asarray([self._row(v) for v in vectors], dtype=np.float32)
+        out: FloatArray = np.asarray(self.session.run(None, {INPUT: X})[0], dtype=np.float32)
         if not self.classification:
             return [Prediction(float(row[0]), "", {}) for row in out]
-        predictions = []
-        for row in out.tolist():
-            proba = dict(zip(self.class_keys, row, strict=True))
-            best = max(proba, key=lambda k: proba[k])
-            predictions.append(Prediction(proba.get(self.positive_key, 0.0), best, proba))
-        return predictions
+        keys = self.class_keys
+        best = [keys[j] for j in out.argmax(axis=1).tolist()]
+        positive = keys.index(self.positive_key) if self.positive_key in keys else None
+        return [
+            Prediction(
+                row[positive] if positive is not None else 0.0,
+                top,
+                dict(zip(keys, row, strict=True)),
+            )
+            for row, top in zip(out.tolist(), best, strict=True)
+        ]
 
     def predict(self, features: Mapping[str, float]) -> Prediction:
         return self.predict_many([features])[0]
