@@ -18,8 +18,10 @@ import faust
 from faust.web import Request, Response, View
 
 from streamml import telemetry
+from streamml.agents.alerting import Alerting
 from streamml.agents.engine import PipelineEngine
 from streamml.agents.runtime import PipelineRuntime
+from streamml.agents.trainer import Trainer
 from streamml.config import Settings
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.sink import WarehouseSink
@@ -67,6 +69,7 @@ def create_app(
     for engine in engines:
         app.task(engine.run)
     state: dict[str, Any] = {"warehouse": None, "sink": None}
+    warehouse_open = asyncio.Event()
 
     if with_sink and specs:
 
@@ -77,7 +80,23 @@ def create_app(
                 settings, specs, warehouse, settings.sink_max_rows, settings.sink_flush_interval_ms
             )
             state.update(warehouse=warehouse, sink=sink)
+            warehouse_open.set()
             await sink.run()
+
+        if settings.trainer_enabled:
+            trainer_box: dict[str, Trainer] = {}
+
+            @app.task  # type: ignore[untyped-decorator]
+            async def trainer_and_alerts() -> None:
+                """The trainer role and the alert rules, beside the warehouse they read."""
+                await warehouse_open.wait()
+                warehouse: Warehouse = state["warehouse"]
+                trainer = trainer_box["trainer"] = Trainer(settings, specs, warehouse.query)
+                await asyncio.gather(
+                    trainer.run(), Alerting(settings, specs, warehouse.query).run()
+                )
+
+            state["trainer"] = trainer_box
 
     @app.page("/health")
     class Health(View):
@@ -122,6 +141,11 @@ def create_app(
                             },
                         }
                         for name, rt in runtimes.items()
+                    },
+                    "trainer": {
+                        name: status
+                        for t in state.get("trainer", {}).values()
+                        for name, status in t.status.items()
                     },
                     "sink": None
                     if sink is None

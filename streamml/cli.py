@@ -349,7 +349,7 @@ def schema_export(
 
 @app.command()
 def demo(
-    events: int = typer.Option(10_000, help="How many events to stream."),
+    events: int = typer.Option(18_000, help="How many events to stream."),
     keep_broker: bool = typer.Option(
         False, "--keep-broker", help="Leave the broker running if the demo started it."
     ),
@@ -368,7 +368,9 @@ def demo(
             f"[bold]{tick.elapsed_s:5.0f} s[/]  produced {tick.produced:>6}  "
             f"scored {tick.scored:>6} ({tick.events_per_s:,.0f}/s)  learned {tick.learned:>6}  "
             f"rolling accuracy {acc}  in ClickHouse {tick.in_warehouse:>6}  "
-            f"dead letters {tick.dead_letters}"
+            f"dead letters {tick.dead_letters}\n"
+            f"       serving [bold]{tick.champion}[/]  drift detections {tick.drifts}  "
+            f"trainer: {tick.trainer or 'idle'}"
         )
 
     def action() -> None:
@@ -393,6 +395,21 @@ def _print_demo(report: Any) -> None:
     for name, value in report.latency.items():
         lat.add_row(name, f"{value:.2f}")
     console.print(lat)
+    drift = Table("kind", "detector", "target", "detections", "first", title="drift (ClickHouse)")
+    for row in report.drift_events:
+        drift.add_row(*[str(v) for v in row])
+    console.print(drift)
+    audit = Table("at", "action", "version", "previous", "why", title="audit trail (ClickHouse)")
+    for row in report.audit:
+        audit.add_row(*[str(v) for v in row])
+    console.print(audit)
+    roles = Table("model version", "role", "labelled", "accuracy", title="champion vs challengers")
+    for row in report.roles:
+        roles.add_row(*[str(v) for v in row])
+    console.print(roles)
+    for command, output in report.cli:
+        console.print(f"[bold]$ {command}[/]", highlight=False)
+        console.print(output, highlight=False, markup=False)
     dlq = Table("error class", "rows", "example reason", title="dead letters")
     for error_class, n, example in report.dead_letters:
         dlq.add_row(str(error_class), str(n), str(example))
@@ -412,10 +429,11 @@ def main() -> None:
 
 
 def _register_model_commands() -> None:
-    from streamml.cli_models import models_app, train
+    from streamml.cli_models import models_app, retrain, train, trainer
 
     app.add_typer(models_app, name="models")
-    app.command()(train)
+    for command in (train, retrain, trainer):
+        app.command()(command)
 
 
 _register_model_commands()

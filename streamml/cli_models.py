@@ -219,3 +219,55 @@ def challenger(
             f" is a {mode} challenger"
         )
     )
+
+
+def retrain(
+    pipeline: str = typer.Argument(..., help="The pipeline to retrain."),
+    reason: str = typer.Option("requested from the CLI", help="Why (audit trail)."),
+) -> None:
+    """Ask the trainer to retrain now: the same path as drift and the schedule."""
+    from streamml import lifecycle
+
+    cli = _base()
+    settings, spec = _spec(pipeline)
+    cli._run(
+        lambda: cli._say(
+            f"retrain requested ({lifecycle.request_retrain(settings, spec, reason).event_id}); "
+            'follow it with `streamml query "SELECT ts, action, version, reason FROM '
+            f"audit_events WHERE pipeline = '{spec.name}' ORDER BY ts\"`"
+        )
+    )
+
+
+def trainer(
+    pipeline: list[str] = typer.Option(
+        [], "--pipeline", "-p", help="Pipeline(s) to serve (default: every spec in the folder)."
+    ),
+) -> None:
+    """Run the trainer role and the alert rules on their own (e.g. beside a ClickHouse
+    server); a worker with the sink runs them too unless STREAMML_TRAINER_ENABLED=false."""
+    import asyncio
+    import logging
+
+    from streamml.agents.alerting import Alerting
+    from streamml.agents.trainer import Trainer
+    from streamml.streams.warehouse import run_query
+
+    cli = _base()
+    settings = cli._settings()
+    specs = cli._specs(settings, pipeline)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+
+    def query(sql: str) -> Any:
+        return run_query(settings, sql)
+
+    async def main() -> None:
+        await asyncio.gather(
+            Trainer(settings, specs, query).run(), Alerting(settings, specs, query).run()
+        )
+
+    cli._say(f"trainer for {', '.join(s.name for s in specs)}; Ctrl-C stops it")
+    try:
+        cli._run(lambda: asyncio.run(main()))
+    except KeyboardInterrupt:
+        cli._say("trainer stopped")

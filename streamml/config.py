@@ -198,6 +198,13 @@ class Settings(BaseSettings):
             "STREAMML_REPORTS_DIR: training and evaluation reports (default: <state_dir>/reports)."
         ),
     )
+    trainer_enabled: bool = Field(
+        default=True,
+        description=(
+            "STREAMML_TRAINER_ENABLED: run the trainer role (drift -> retrain -> promote) and "
+            "the alert rules in the worker that runs the warehouse sink."
+        ),
+    )
     batch_max_records: int = Field(
         default=2000,
         ge=1,

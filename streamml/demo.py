@@ -19,8 +19,9 @@ from typing import Any
 
 from streamml.config import Settings
 from streamml.devstack import LocalBroker
-from streamml.devstack.worker import WorkerProcess
+from streamml.devstack.worker import WorkerProcess, settings_env
 from streamml.errors import DevStackError
+from streamml.models.registry import Registry
 from streamml.models.synthetic import payments
 from streamml.schemas.catalog import load_pipelines
 from streamml.streams.kafka import ensure_pipeline_topics
@@ -28,6 +29,7 @@ from streamml.streams.producer import produce_examples
 
 PIPELINE = "demo"
 BAD_EVERY = 250
+RATE = 300.0  # events/s: slow enough that the loop closes while the stream still runs
 
 
 @dataclass
@@ -42,6 +44,9 @@ class Tick:
     in_warehouse: int
     events_per_s: float
     rolling_accuracy: float | None
+    champion: str = ""
+    drifts: int = 0
+    trainer: str = ""
 
 
 @dataclass
@@ -59,6 +64,11 @@ class DemoReport:
     run_filter: str = "1"
     stopped: list[str] = field(default_factory=list)
     left_running: list[str] = field(default_factory=list)
+    audit: list[list[Any]] = field(default_factory=list)
+    drift_events: list[list[Any]] = field(default_factory=list)
+    roles: list[list[Any]] = field(default_factory=list)
+    cli: list[tuple[str, str]] = field(default_factory=list)  # (command, output)
+    marks: dict[str, float] = field(default_factory=dict)  # label -> event-time minute
 
 
 def run_demo(
@@ -95,7 +105,7 @@ def run_demo(
                         settings,
                         spec,
                         examples,
-                        rate=None,
+                        rate=RATE,
                         label_delay=200,
                         progress=lambda n: produced.__setitem__(0, n),
                     )
@@ -103,10 +113,15 @@ def run_demo(
             except BaseException as exc:  # reported by the main thread
                 failure.append(exc)
 
-        say(f"streaming {events} events ({bad} malformed on purpose), drift at the halfway mark")
+        say(
+            f"streaming {events} events at {RATE:.0f}/s ({bad} malformed on purpose), concept "
+            "drift at the halfway mark; the worker's trainer watches for drift"
+        )
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
         _watch(worker, report, run_start, produced, started, on_tick, timeout_s, thread, failure)
+        _settle(worker, say)
+        _lifecycle_from_cli(settings, worker, report, say)
         report.seconds = time.monotonic() - started
         _analytics(worker, report, run_start)
         report.png = _plot(report, settings.state_dir / "demo" / "accuracy.png", run_start)
@@ -117,6 +132,69 @@ def run_demo(
         elif broker.status().state == "running":
             report.left_running.append(f"Kafka broker at {broker.bootstrap}")
     return report
+
+
+def _settle(worker: WorkerProcess, say: Callable[[str], None], timeout_s: float = 45.0) -> None:
+    """Give a retrain or challenger judgement in progress a moment to finish."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = str(worker.get("/stats").get("trainer", {}).get(PIPELINE, "idle"))
+        if (
+            not status.startswith(("waiting", "training", "v"))
+            or "promote" in status
+            or ("archive" in status)
+        ):
+            return
+        say(f"trainer: {status}")
+        time.sleep(3)
+
+
+def _cli(settings: Settings, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMML_")}
+    env.update(settings_env(settings))
+    env["COLUMNS"] = "110"
+    done = subprocess.run(
+        [sys.executable, "-m", "streamml", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    return (done.stdout + done.stderr).strip()
+
+
+def _lifecycle_from_cli(
+    settings: Settings, worker: WorkerProcess, report: DemoReport, say: Callable[[str], None]
+) -> None:
+    """The registry from the command line, as a user would: list, train if the loop left
+    no batch champion, promote, roll back, and promote again."""
+    registry = Registry(settings.registry_path)
+
+    def run(*args: str) -> str:
+        say("$ streamml " + " ".join(args))
+        out = _cli(settings, *args)
+        report.cli.append(("streamml " + " ".join(args), out))
+        return out
+
+    run("models", "list", PIPELINE)
+    champion = registry.champion(PIPELINE)
+    if champion is None:
+        run("train", PIPELINE, "--last-events", "4000", "--no-deploy")
+        latest = registry.list(PIPELINE)[-1].version
+        run("models", "promote", PIPELINE, latest, "--reason", "demo: promoted by hand")
+        champion = registry.champion(PIPELINE)
+    run("models", "rollback", PIPELINE, "--reason", "demo: roll back")
+    if champion is not None:
+        run("models", "promote", PIPELINE, champion.version, "--reason", "demo: and back")
+    time.sleep(1.0)
+    report.cli.append(
+        ("serving now", str(worker.get("/stats")["pipelines"][PIPELINE]["deployment"]))
+    )
 
 
 def _since(run_start: dt.datetime) -> str:
@@ -150,6 +228,7 @@ def _watch(
             f"'{PIPELINE}' AND ts >= {since})"
         )
         in_warehouse, dead = int(rows[0][0]), int(rows[0][1])
+        trainer = worker.get("/stats").get("trainer", {}).get(PIPELINE, "")
         now = time.monotonic()
         scored = int(counters.get("scored", 0))
         d_learned = learned - last[3]
@@ -162,6 +241,9 @@ def _watch(
             in_warehouse=in_warehouse,
             events_per_s=(scored - last[1]) / max(now - last[0], 1e-3),
             rolling_accuracy=(correct - last[2]) / d_learned if d_learned > 0 else None,
+            champion=str(stats["deployment"]["champion"]["version"]),
+            drifts=sum(int(v) for k, v in counters.items() if k.startswith("drift.")),
+            trainer=str(trainer),
         )
         on_tick(tick)
         last = (now, scored, correct, learned)
@@ -181,14 +263,15 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
         SELECT toStartOfMinute(p.ts) AS minute, count() AS n,
                round(avg(p.predicted_class = l.label), 3) AS accuracy
         FROM (SELECT event_id, ts, predicted_class FROM predictions FINAL
-              WHERE pipeline = '{PIPELINE}' AND {report.run_filter}) AS p
+              WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1) AS p
         INNER JOIN (SELECT event_id, label FROM labels FINAL WHERE pipeline = '{PIPELINE}') AS l
         USING event_id
         GROUP BY minute ORDER BY minute""")
     _, rows = worker.query(f"""
         SELECT quantile(0.5)(latency_ms), quantile(0.99)(latency_ms),
                quantile(0.5)(e2e_latency_ms), quantile(0.99)(e2e_latency_ms), count()
-        FROM predictions FINAL WHERE pipeline = '{PIPELINE}' AND {report.run_filter}""")
+        FROM predictions FINAL WHERE pipeline = '{PIPELINE}' AND {report.run_filter}
+        AND served = 1""")
     names = [
         "score_p50_ms",
         "score_p99_ms",
@@ -202,6 +285,35 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
         SELECT error_class, count() AS n, any(reason) AS example FROM dead_letters FINAL
         WHERE pipeline = '{PIPELINE}' AND ts >= {since} GROUP BY error_class ORDER BY n DESC""")
     report.dead_letter_rows = sum(int(r[1]) for r in report.dead_letters)
+    _, report.audit = worker.query(f"""
+        SELECT formatDateTime(ts, '%H:%i:%S') AS at, action, version, previous,
+               substring(reason, 1, 70) AS why
+        FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' AND ts >= {since}
+        AND action NOT IN ('drift_detected', 'alert') ORDER BY ts, action""")
+    _, report.drift_events = worker.query(f"""
+        SELECT kind, detector, target, count() AS n, min(ts) AS first
+        FROM drift_events FINAL WHERE pipeline = '{PIPELINE}' AND ts >= {since}
+        GROUP BY kind, detector, target ORDER BY first""")
+    _, report.roles = worker.query(f"""
+        SELECT model_version, role, sum(n) AS labelled,
+               round(sum(value * n) / sum(n), 3) AS accuracy
+        FROM metrics FINAL WHERE pipeline = '{PIPELINE}' AND metric = 'accuracy'
+        AND window_start >= toStartOfMinute({since}) GROUP BY model_version, role
+        ORDER BY min(window_start), role""")
+    span = 1200 / 60  # the demo's event time runs 20 minutes; the drift is at the middle
+    report.marks["concept drift injected"] = span / 2
+    _, first_drift = worker.query(f"""
+        SELECT min(JSONExtractInt(details, 'event_ts_ms')) FROM drift_events FINAL
+        WHERE pipeline = '{PIPELINE}' AND kind = 'concept' AND ts >= {since}""")
+    start_ms = run_start.timestamp() * 1000
+    if first_drift and first_drift[0][0] and int(first_drift[0][0]) > start_ms:
+        report.marks["drift detected"] = (int(first_drift[0][0]) - start_ms) / 60_000
+    _, promoted = worker.query(f"""
+        SELECT toUnixTimestamp64Milli(min(ts)) FROM predictions
+        WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1
+        AND startsWith(model_version, 'v')""")
+    if promoted and promoted[0][0] and int(promoted[0][0]) > start_ms:
+        report.marks["retrained model serving"] = (int(promoted[0][0]) - start_ms) / 60_000
 
 
 def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None:
@@ -218,11 +330,18 @@ def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None
     accuracy = [float(r[2]) for r in report.per_minute]
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(offsets, accuracy, marker="o", label="served accuracy per minute (ClickHouse)")
-    ax.axvline(10, color="red", linestyle="--", label="concept drift injected")
+    styles = {
+        "concept drift injected": ("red", "--"),
+        "drift detected": ("orange", ":"),
+        "retrained model serving": ("green", "-."),
+    }
+    for label, minute in report.marks.items():
+        color, style = styles.get(label, ("grey", ":"))
+        ax.axvline(minute, color=color, linestyle=style, label=label)
     ax.set_xlabel("event time, minutes since start")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"streamml demo: {report.events} events, online logistic regression")
+    ax.set_title(f"streamml demo: {report.events} events, drift -> retrain -> promote")
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)

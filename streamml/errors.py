@@ -101,3 +101,5 @@ class RegistryError(StreamMLError, RuntimeError):
 
 class ArtifactIntegrityError(RegistryError):
     """A model artifact failed its checksum or feature-list check; it is not loaded."""
+
+    version: str | None = None  # the refused version, when known

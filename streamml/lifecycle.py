@@ -9,7 +9,6 @@ models ...`` call these functions; so does the demo.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import shutil
 import tempfile
@@ -24,9 +23,10 @@ import numpy as np
 from streamml.config import Settings
 from streamml.errors import RegistryError, TrainingError
 from streamml.models import evaluation, training
+from streamml.models.drift import Reference
 from streamml.models.onnx_model import OnnxScorer, check_parity, export_onnx
 from streamml.models.registry import ModelVersion, Registry
-from streamml.models.serving import online_version
+from streamml.models.serving import load_scorer, online_version
 from streamml.schemas.control import ControlEvent
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
@@ -85,10 +85,10 @@ def training_sql(spec: PipelineSpec, window: Window) -> str:
     limit = f"ORDER BY ts_ms DESC LIMIT {int(window.last_events)}" if window.last_events else ""
     return f"""
         SELECT event_id, ts_ms, features, label FROM (
-            SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.ts) AS ts_ms,
+            SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
                    f.features AS features, l.label AS label
             FROM (
-                SELECT event_id, argMax(ts, inserted_at) AS ts,
+                SELECT event_id, argMax(ts, inserted_at) AS event_ts,
                        argMax(features, inserted_at) AS features
                 FROM features WHERE {" AND ".join(where)} GROUP BY event_id
             ) AS f
@@ -101,9 +101,18 @@ def training_sql(spec: PipelineSpec, window: Window) -> str:
     """
 
 
-def read_training_rows(settings: Settings, spec: PipelineSpec, window: Window) -> Any:
+Query = Callable[[str], QueryResult]
+
+
+def _query(settings: Settings, query: Query | None) -> Query:
+    return query if query is not None else lambda sql: run_query(settings, sql)
+
+
+def read_training_rows(
+    settings: Settings, spec: PipelineSpec, window: Window, query: Query | None = None
+) -> Any:
     """The training frame (one row per labelled event, a column per feature)."""
-    result = run_query(settings, training_sql(spec, window))
+    result = _query(settings, query)(training_sql(spec, window))
     rows = [(str(e), int(ts), dict(f), _label(str(y))) for e, ts, f, y in result.rows]
     if not rows:
         raise TrainingError(
@@ -119,6 +128,7 @@ def champion_metrics(
     registry: Registry,
     result: training.TrainResult,
     frame: Any,
+    query: Query | None = None,
 ) -> tuple[str, dict[str, float] | None]:
     """The serving champion measured on the candidate's test rows: a batch champion is
     re-scored; the online champion by the predictions it served for those events."""
@@ -139,8 +149,7 @@ def champion_metrics(
         return entry.version, evaluation.metrics_for(test, _align(outputs, entry, result))
     version = online_version(spec)
     ids = "','".join(e.replace("'", "") for e in test.event_ids)
-    served = run_query(
-        settings,
+    served = _query(settings, query)(
         f"SELECT event_id, any(score), any(probabilities) FROM predictions "
         f"WHERE pipeline = '{spec.name}' AND model_version = '{version}' "
         f"AND event_id IN ('{ids}') GROUP BY event_id",
@@ -181,6 +190,7 @@ def train_and_register(
     progress: Progress | None = None,
     reason: str = "manual",
     deploy: bool = True,
+    query: Query | None = None,
 ) -> Outcome:
     """Train, evaluate against the champion, export + parity-check ONNX, register; then
     deploy per the decision (challenger, or champion when the spec serves batch and none
@@ -190,9 +200,9 @@ def train_and_register(
     registry = Registry(settings.registry_path)
     cutoff = window.cutoff_ms or int(time.time() * 1000)
     window = Window(window.since_ms, window.until_ms, window.last_events, cutoff)
-    frame = read_training_rows(settings, spec, window)
+    frame = read_training_rows(settings, spec, window, query)
     result = training.train(spec, frame, progress=progress)
-    champ_version, champ = champion_metrics(settings, spec, registry, result, frame)
+    champ_version, champ = champion_metrics(settings, spec, registry, result, frame, query)
     report = evaluation.evaluate(spec, result, frame, champion_metrics=champ)
     events = [
         ControlEvent.new(
@@ -233,7 +243,11 @@ def train_and_register(
             metrics=report.metrics,
             params=dict(report.best_params),
             parent_version=parent.version if parent else None,
-            extra={"parity_max_abs_diff": diff, "champion_compared": champ_version},
+            extra={
+                "parity_max_abs_diff": diff,
+                "champion_compared": champ_version,
+                "reference": drift_reference(spec, result, data),
+            },
         )
     report_dir = settings.reports_path / spec.name / version.version
     evaluation.write_report(report, report_dir)
@@ -265,6 +279,29 @@ def train_and_register(
         champ,
         events,
     )
+
+
+def drift_reference(
+    spec: PipelineSpec, result: training.TrainResult, data: training.Dataset
+) -> dict[str, Any] | None:
+    """The training rows' distribution of the monitored features and of the model's score,
+    stored with the model: data and prediction drift are measured against it."""
+    drift = spec.drift
+    if drift.data is None and drift.prediction is None:
+        return None
+    train = data.take(result.splits.train.slice)
+    wanted = drift.data.features if drift.data is not None and drift.data.features else None
+    columns: dict[str, list[float]] = {
+        name: train.X[:, j].tolist()
+        for j, name in enumerate(result.feature_names)
+        if drift.data is not None and (wanted is None or name in wanted)
+    }
+    if drift.prediction is not None:
+        outputs = training.predict(result.model, train.X)
+        column = result.positive_index if result.positive_index is not None else 0
+        columns["score"] = outputs[:, column if outputs.shape[1] > 1 else 0].tolist()
+    bins = drift.data.bins if drift.data is not None else drift.prediction.bins  # type: ignore[union-attr]
+    return Reference.from_columns(columns, bins=bins).to_json()
 
 
 def _deploy(
@@ -302,6 +339,8 @@ def promote(
 ) -> ModelVersion:
     registry = Registry(settings.registry_path)
     before = registry.champion(spec.name)
+    if version is not None:  # refuse a model that would not load, before any stage changes
+        load_scorer(registry, spec, registry.get(spec.name, version))
     entry = registry.promote(spec.name, version, reason=reason)
     events = [
         _event(spec, "promoted", entry, reason=reason, previous=before.version if before else "")
@@ -359,6 +398,7 @@ def set_challenger(
     reason: str,
 ) -> ModelVersion:
     registry = Registry(settings.registry_path)
+    load_scorer(registry, spec, registry.get(spec.name, version))  # refuse a bad artifact
     entry = registry.set_challenger(spec.name, version, mode, share, reason=reason)
     asyncio.run(control.publish(settings, _event(spec, "challenger_set", entry, reason=reason)))
     return entry
@@ -371,8 +411,13 @@ def copy_report(outcome: Outcome, dest: Path) -> Path:
     return dest
 
 
-def now_ms() -> int:
-    return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-
-
-__all__ = ["Outcome", "QueryResult", "Window", "train_and_register"]
+def request_retrain(settings: Settings, spec: PipelineSpec, reason: str) -> ControlEvent:
+    """Ask the trainer for a retrain now (the same event drift and the schedule send)."""
+    event = ControlEvent.new(
+        spec.name,
+        "retrain_requested",
+        reason=reason,
+        details={"source": "manual", "since_ms": None, "last_events": spec.retrain.last_events},
+    )
+    asyncio.run(control.publish(settings, event))
+    return event

@@ -38,6 +38,7 @@ from streamml.agents.score import Scored, score_batch
 from streamml.config import Settings
 from streamml.errors import StreamMLError
 from streamml.models import serving
+from streamml.models.drift import Reference
 from streamml.models.registry import Registry
 from streamml.models.serving import ONLINE, Deployment, Slot, online_version
 from streamml.schemas.control import ControlEvent
@@ -45,7 +46,7 @@ from streamml.streams import control
 from streamml.streams.changelog import read_latest
 from streamml.streams.kafka import bounded, close_quietly
 from streamml.streams.outbox import Headers, Outbox
-from streamml.streams.topics import dumps
+from streamml.streams.topics import CONTROL_TOPIC, dumps
 
 log = logging.getLogger("streamml.engine")
 
@@ -157,16 +158,22 @@ class PipelineEngine:
             refused = ControlEvent.new(
                 rt.name,
                 "model_refused",
-                version=event.version if event else "",
+                version=getattr(exc, "version", None) or (event.version if event else ""),
                 reason=str(exc),
                 details={"serving": self.deployment.describe()},
             )
             await control.publish(self.settings, refused)
             return
+        changed = deployment.champion != self.deployment.champion
         if deployment != self.deployment:
             log.info("%s: now serving %s", rt.name, deployment.describe())
             rt.counters["deployments"] += 1
         self.deployment = deployment
+        if changed:  # data drift is measured against what the serving model learned from
+            reference = self._reference()
+            for state in rt.states.values():
+                if state.monitor is not None:
+                    state.monitor.set_reference(reference)
 
     async def _shutdown(self) -> None:
         try:
@@ -209,6 +216,7 @@ class PipelineEngine:
                 spent["learn"] += time.perf_counter() - t0
             done[tp] = records[-1].offset + 1
         self._log_state(touched, out)
+        self._report_drift(touched, out)
         t_flush = time.perf_counter()
         sent = await out.flush()
         self._uncommitted.update(done)
@@ -285,6 +293,44 @@ class PipelineEngine:
                 out.add(topic, state.partition, STATS, dumps(state.stats.data))
                 state.stats_dirty = False
 
+    def _report_drift(self, states: Iterable[PartitionState], out: Outbox) -> None:
+        """Each detection -> ``drift_detected`` on the control topic (and so a row in
+        ClickHouse ``drift_events``); the trainer decides whether it means a retrain."""
+        rt = self.rt
+        version = self.deployment.champion.version
+        for state in states:
+            for detection, event_ts_ms in state.detections:
+                rt.counters[f"drift.{detection.kind}"] += 1
+                event = ControlEvent.new(
+                    rt.name,
+                    "drift_detected",
+                    version=version,
+                    reason=(
+                        f"{detection.detector} on {detection.target}: statistic "
+                        f"{detection.statistic:.4g} vs threshold {detection.threshold:.4g}"
+                    ),
+                    details={
+                        "detector": detection.detector,
+                        "kind": detection.kind,
+                        "target": detection.target,
+                        "statistic": detection.statistic,
+                        "threshold": detection.threshold,
+                        "window": detection.window,
+                        "at": detection.at,
+                        "partition": state.partition,
+                        "event_ts_ms": event_ts_ms,
+                    },
+                )
+                log.warning("%s: drift detected: %s", rt.name, event.reason)
+                out.add(CONTROL_TOPIC, 0, rt.name.encode(), event.to_json())
+            state.detections.clear()
+
+    def _reference(self) -> Reference | None:
+        """The training distribution stored with a batch champion (data/prediction drift)."""
+        entry = self.deployment.champion.entry
+        data = entry.metadata.get("extra", {}).get("reference") if entry is not None else None
+        return Reference.from_json(data) if data else None
+
     async def _housekeeping(self, states: Iterable[PartitionState]) -> None:
         assert self._producer is not None
         out = Outbox(self._producer)
@@ -336,6 +382,9 @@ class PipelineEngine:
             logs = await read_latest(self.settings, rt.topics["state"], new)
             for p, entries in logs.items():
                 rt.states[p] = PartitionState.restore(rt.spec, p, entries)
+                monitor = rt.states[p].monitor
+                if monitor is not None:
+                    monitor.set_reference(self._reference())
                 if MODEL in entries:
                     rt.counters["model_restored"] += 1
             log.info("%s: partitions %s (restored %s)", rt.name, sorted(mine), new)

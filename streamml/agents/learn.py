@@ -56,7 +56,7 @@ def on_label(
         rt.counters["labels_early"] += 1
         return "early"
     out.add(rt.topics["state"], state.partition, JOIN + ident, None)
-    learn_one(rt, state, stored[1], label, deployment, out)
+    learn_one(rt, state, stored[1], label, deployment, out, stored[2])
     return "learned"
 
 
@@ -67,20 +67,36 @@ def learn_one(
     label: Any,
     deployment: Deployment,
     out: Outbox,
+    event_ts_ms: int = 0,
 ) -> None:
-    """Test-then-train the online model on one labelled event, and account the label in
-    the open minute of every deployed model (batch models are scored on it, not trained)."""
+    """Test-then-train the online model on one labelled event, account the label in the
+    open minute of every deployed model (batch models are scored on it, not trained), and
+    feed the champion's error to the concept drift monitor."""
     learner = state.learner
     before = learner.learn(features, label)
     rt.counters["learned"] += 1
     target = coerce_label(label, learner.classification)
     online_role = "champion" if deployment.champion.kind == ONLINE else "shadow"
     _account(rt, state, learner.version, online_role, before, target, out)
+    served = before
     for slot in deployment.batch_slots:
         assert slot.scorer is not None
-        _account(rt, state, slot.version, slot.role, slot.scorer.predict(features), target, out)
+        prediction = slot.scorer.predict(features)
+        _account(rt, state, slot.version, slot.role, prediction, target, out)
+        if slot.role == "champion":
+            served = prediction
+    if state.monitor is not None:
+        error = _error(served, target, learner.classification)
+        state.detections.extend((d, event_ts_ms) for d in state.monitor.observe_error(error))
     if learner.learned % rt.spec.online_model.snapshot_every == 0:
         snapshot(rt, state, out)
+
+
+def _error(prediction: Prediction, target: Any, classification: bool) -> float:
+    """The prequential error: 0/1 for a class, the absolute error for a number."""
+    if classification:
+        return 0.0 if prediction.predicted_class == str(target) else 1.0
+    return abs(float(target) - prediction.score)
 
 
 def _account(
@@ -158,8 +174,8 @@ def housekeeping(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> Non
         (EARLY, state.early, "labels_expired"),
     ):
         expired = []
-        for k, (stored_ms, _) in table.items():  # insertion order is arrival order
-            if stored_ms >= cutoff_ms:
+        for k, entry in table.items():  # insertion order is arrival order
+            if entry[0] >= cutoff_ms:
                 break
             expired.append(k)
         for k in expired:

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from streamml.models.drift import Detection, DriftMonitor
 from streamml.models.features import Featurizer, GlobalState
 from streamml.models.online import OnlineLearner
 from streamml.schemas.spec import PipelineSpec
@@ -49,8 +50,8 @@ class PartitionState:
     learner: OnlineLearner
     stats: GlobalState
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # event_id -> (stored at, ms; features)
-    joins: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    # event_id -> (stored at, ms; features; event time, ms)
+    joins: dict[str, tuple[int, dict[str, float], int]] = field(default_factory=dict)
     # event_id -> (stored at, ms; label)
     early: dict[str, tuple[int, Any]] = field(default_factory=dict)
     dirty_windows: set[str] = field(default_factory=set)
@@ -58,6 +59,9 @@ class PartitionState:
     minutes: dict[tuple[str, str], MinuteMetrics] = field(default_factory=dict)
     snapshot_at: float = field(default_factory=time.monotonic)
     snapshot_learned: int = 0
+    monitor: DriftMonitor | None = None
+    # drift detections of this batch, with the event time they fired at
+    detections: list[tuple[Detection, int]] = field(default_factory=list)
     metrics_sent_at: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -70,12 +74,14 @@ class PartitionState:
         stats = log.get(STATS)
         state = cls(partition, learner, GlobalState(orjson.loads(stats[0]) if stats else None))
         state.snapshot_learned = learner.learned
+        state.monitor = DriftMonitor(spec)
         for key, (value, ts_ms) in log.items():
             kind, ident = key[:2], key[2:].decode("utf-8")
             if kind == WINDOW:
                 state.windows[ident] = orjson.loads(value)
             elif kind == JOIN:
-                state.joins[ident] = (ts_ms, orjson.loads(value)["features"])
+                stored = orjson.loads(value)
+                state.joins[ident] = (ts_ms, stored["features"], int(stored.get("ts_ms") or 0))
             elif kind == EARLY:
                 state.early[ident] = (ts_ms, orjson.loads(value)["label"])
         return state

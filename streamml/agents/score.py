@@ -63,6 +63,7 @@ def score_batch(
     topics = rt.topics
     partition = state.partition
     now_ms = int(time.time() * 1000)
+    monitor = state.monitor
     for i, it in enumerate(items):
         record, message = it.record, it.message
         key = message.key if message.key is not None else record.event_id.encode()
@@ -77,6 +78,12 @@ def score_batch(
         )
         out.add(topics["features"], partition, key, features, it.headers)
         canary = deployment.canary_for(record.entity_key) if any_canary else None
+        if monitor is not None:  # data and prediction drift, on what was served
+            found = monitor.observe_features(it.vector)
+            served_score = runs[0][1][i].score if canary is None else None
+            if served_score is not None:
+                found += monitor.observe_score(served_score)
+            state.detections.extend((d, record.ts_ms) for d in found)
         for slot, predictions, latency_ms in runs:
             if slot.role == "canary" and slot is not canary:
                 continue
@@ -88,9 +95,9 @@ def score_batch(
         if waiting is not None:  # its label came first: learn now
             rt.counters["labels_early_matched"] += 1
             out.add(topics["state"], partition, EARLY + event_id.encode(), None)
-            learn_one(rt, state, it.vector, waiting[1], deployment, out)
+            learn_one(rt, state, it.vector, waiting[1], deployment, out, record.ts_ms)
         else:
-            state.joins[event_id] = (now_ms, it.vector)
+            state.joins[event_id] = (now_ms, it.vector, record.ts_ms)
             out.add(topics["state"], partition, JOIN + event_id.encode(), features)
     rt.counters["scored"] += len(items)
 

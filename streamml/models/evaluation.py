@@ -320,7 +320,8 @@ def evaluate(
     cv = None
     if folds:
         cv = time_series_cv(spec, frame, folds, params=result.best_params, epochs=cv_epochs)
-    decision = compare(metrics, champion_metrics, spec.promotion, labeled_events=len(test))
+    # the labelled-events bar is for judging a challenger online, not this offline gate
+    decision = compare(metrics, champion_metrics, spec.promotion)
     best = next(t.number for t in result.trials if t.params == result.best_params)
     return EvaluationReport(
         pipeline=spec.name,

@@ -112,7 +112,13 @@ def plan(spec: PipelineSpec, registry: Registry, current: Deployment | None = No
 
     def scorer(entry: ModelVersion) -> OnnxScorer:
         have = loaded.get(entry.version)
-        return have if have is not None else load_scorer(registry, spec, entry)
+        if have is not None:
+            return have
+        try:
+            return load_scorer(registry, spec, entry)
+        except ArtifactIntegrityError as exc:
+            exc.version = entry.version  # which model was refused, for the audit trail
+            raise
 
     online_name = spec.online_model.kind
     online = Slot("champion", ONLINE, online_name, online_version(spec))

@@ -23,6 +23,7 @@ CORE_TABLES = (
     "dead_letters",
     "features",
     "audit_events",
+    "alerts",
 )
 
 

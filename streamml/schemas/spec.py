@@ -15,6 +15,7 @@ import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -189,7 +190,8 @@ TASK_METRICS: dict[str, tuple[PromotionMetric, ...]] = {
     "regression": ("rmse", "mae"),
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"rmse", "mae"})
-_NOT_HASHED = {"batch_model", "promotion", "serving"}  # see PipelineSpec.spec_hash
+# Operational sections, left out of PipelineSpec.spec_hash (see there).
+_NOT_HASHED = {"batch_model", "promotion", "serving", "drift", "retrain", "alerts"}
 
 
 class SearchSpace(_Strict):
@@ -298,6 +300,162 @@ class ServingSpec(_Strict):
         return self
 
 
+# --- drift, retraining and alerts (Step 4) ------------------------------------------------
+
+
+class KeyProblem(ValueError):
+    """A problem at ``path`` below the key being validated; parse_spec appends the path to
+    the location it reports, so cross-field checks still name the key in the file."""
+
+    def __init__(self, path: tuple[str | int, ...], detail: str) -> None:
+        super().__init__(f"{'.'.join(map(str, path))}: {detail}")
+        self.path = path
+        self.detail = detail
+
+
+# The river parameters each concept-drift detector accepts (numbers only).
+CONCEPT_PARAMS: dict[str, tuple[str, ...]] = {
+    "adwin": ("delta", "clock", "max_buckets", "min_window_length", "grace_period"),
+    "page_hinkley": ("min_instances", "delta", "threshold", "alpha"),
+    "ddm": ("warm_start", "warning_threshold", "drift_threshold"),
+}
+
+
+def _param_problem(detector: str, key: str, value: float) -> str | None:
+    if (detector, key) == ("adwin", "delta"):  # a confidence
+        return None if 0 < value < 1 else "must be between 0 and 1"
+    if (detector, key) == ("page_hinkley", "alpha"):  # a forgetting factor; 1: none
+        return None if 0 < value <= 1 else "must be above 0 and at most 1"
+    if (detector, key) == ("page_hinkley", "delta"):  # the change tolerated
+        return None if value >= 0 else "must be 0 or more"
+    return None if value > 0 else "must be above 0"
+
+
+DriftKind = Literal["concept", "data", "prediction"]
+AlertMetric = Literal[
+    "accuracy",
+    "f1",
+    "roc_auc",
+    "rmse",
+    "mae",
+    "dead_letter_rate",
+    "p99_latency_ms",
+    "consumer_lag",
+]
+TASK_ALERT_METRICS: dict[str, frozenset[str]] = {
+    "classification": frozenset({"accuracy", "f1", "roc_auc"}),
+    "regression": frozenset({"rmse", "mae"}),
+}
+
+
+class ConceptDriftSpec(_Strict):
+    """A river detector over the prequential error stream (0/1 or absolute error)."""
+
+    detector: Literal["adwin", "page_hinkley", "ddm"] = "adwin"
+    params: dict[str, float | int] = Field(default_factory=dict)
+    min_events: int = Field(default=100, ge=1)  # no detection before this many errors
+
+    @model_validator(mode="after")
+    def _known_params(self) -> ConceptDriftSpec:
+        allowed = CONCEPT_PARAMS[self.detector]
+        for key, value in self.params.items():
+            if key not in allowed:
+                raise KeyProblem(
+                    ("params", key), f"not a parameter of {self.detector} (one of {list(allowed)})"
+                )
+            problem = _param_problem(self.detector, key, value)
+            if problem is not None:
+                raise KeyProblem(("params", key), problem)
+        return self
+
+
+class DataDriftSpec(_Strict):
+    """Feature distributions against the training reference (PSI) or recent past (KSWIN)."""
+
+    method: Literal["psi", "kswin"] = "psi"
+    features: list[str] | None = Field(default=None, min_length=1)  # None: every numeric key
+    threshold: float = Field(default=0.2, gt=0)  # psi
+    window: int = Field(default=500, ge=50, le=1_000_000)
+    bins: int = Field(default=10, ge=2, le=100)  # psi
+    alpha: float = Field(default=0.005, gt=0, lt=1)  # kswin
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> DataDriftSpec:
+        only = {"threshold": "psi", "bins": "psi", "alpha": "kswin"}
+        for key, method in only.items():
+            if key in self.model_fields_set and self.method != method:
+                raise KeyProblem((key,), f"applies to method {method} only")
+        return self
+
+
+class PredictionDriftSpec(_Strict):
+    """The served score's distribution against the training reference (PSI)."""
+
+    method: Literal["psi"] = "psi"
+    threshold: float = Field(default=0.2, gt=0)
+    window: int = Field(default=500, ge=50, le=1_000_000)
+    bins: int = Field(default=10, ge=2, le=100)
+
+
+class DriftSpec(_Strict):
+    concept: ConceptDriftSpec | None = ConceptDriftSpec()
+    data: DataDriftSpec | None = None
+    prediction: PredictionDriftSpec | None = None
+
+
+class RetrainSpec(_Strict):
+    """When drift (or a schedule) retrains the batch model, and on which rows."""
+
+    on_drift: bool = True
+    kinds: list[DriftKind] = Field(default_factory=lambda: list[DriftKind](["concept"]))
+    cooldown_s: float = Field(default=300.0, ge=0)
+    since_drift: bool = True  # train on events since the drift point ...
+    last_events: int = Field(default=5000, ge=1)  # ... and at most the last N labelled events
+    min_events: int = Field(default=300, ge=1)  # fewer labelled rows: wait, do not train
+    interval_s: float | None = Field(default=None, gt=0)  # scheduled retraining
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RetrainSpec:
+        if len(set(self.kinds)) != len(self.kinds):
+            raise KeyProblem(("kinds",), "list each kind once")
+        if self.min_events > self.last_events:
+            raise KeyProblem(("min_events",), f"must not exceed last_events ({self.last_events})")
+        return self
+
+
+class AlertRule(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    metric: AlertMetric
+    op: Literal["below", "above"]
+    threshold: float
+    window_s: float = Field(default=300.0, gt=0)
+    min_events: int = Field(default=50, ge=0)  # fewer events in the window: no change
+
+
+class AlertsSpec(_Strict):
+    rules: list[AlertRule] = Field(default_factory=list)
+    webhook: str | None = None  # http(s) URL that receives alert transitions
+    interval_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, rules: list[AlertRule]) -> list[AlertRule]:
+        names = [r.name for r in rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique: {dupes}")
+        return rules
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("an http:// or https:// URL with a host")
+        return url
+
+
 class TopicsSpec(_Strict):
     partitions: int | None = Field(default=None, ge=1, le=1024)
 
@@ -316,6 +474,9 @@ class PipelineSpec(_Strict):
     batch_model: BatchModelSpec | None = None
     promotion: PromotionSpec = PromotionSpec()
     serving: ServingSpec = ServingSpec()
+    drift: DriftSpec = DriftSpec()
+    retrain: RetrainSpec = RetrainSpec()
+    alerts: AlertsSpec = AlertsSpec()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -364,6 +525,7 @@ class PipelineSpec(_Strict):
         if regression != (self.task == "regression"):
             raise ValueError(f"online_model.kind {model!r} does not fit task {self.task!r}")
         self._check_batch()
+        self._check_operations()
         return self
 
     def _check_batch(self) -> None:
@@ -382,7 +544,60 @@ class PipelineSpec(_Strict):
                 if getattr(self.serving, role) == "batch":
                     raise ValueError(f"serving.{role} 'batch' needs a batch_model section")
 
+    def _check_operations(self) -> None:
+        concept = self.drift.concept
+        if concept is not None and concept.detector == "ddm" and self.task != "classification":
+            raise KeyProblem(
+                ("drift", "concept", "detector"),
+                "ddm watches 0/1 errors: use it with task classification (adwin or page_hinkley "
+                "for regression)",
+            )
+        data = self.drift.data
+        if data is not None and data.features is not None:
+            keys = self.numeric_keys(selected=False)  # select/exclude may change: not an error
+            for i, name in enumerate(data.features):
+                if name not in keys:
+                    raise KeyProblem(
+                        ("drift", "data", "features", i),
+                        f"{name!r} is not a numeric feature (one of {sorted(keys)})",
+                    )
+        if self.retrain.on_drift:
+            for i, kind in enumerate(self.retrain.kinds):
+                if getattr(self.drift, kind) is None:
+                    raise KeyProblem(
+                        ("retrain", "kinds", i), f"{kind!r} needs a drift.{kind} section"
+                    )
+        for i, rule in enumerate(self.alerts.rules):
+            other = next(t for t in TASK_ALERT_METRICS if t != self.task)
+            if rule.metric in TASK_ALERT_METRICS[other]:
+                raise KeyProblem(
+                    ("alerts", "rules", i, "metric"),
+                    f"{rule.metric!r} does not fit task {self.task!r} "
+                    f"(use one of {sorted(TASK_ALERT_METRICS[self.task])} or an operational one)",
+                )
+
     # --- derived ---------------------------------------------------------------
+    def numeric_keys(self, selected: bool = True) -> set[str]:
+        """Keys of the feature vector that carry a number (not one-hot or hashing
+        indicators); after ``select`` and ``exclude`` unless ``selected`` is False."""
+        suffixes = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+        keys: set[str] = set()
+        for f in self.features:
+            if isinstance(f, CategoricalFeature) and f.kind != "frequency":
+                continue
+            if isinstance(f, WindowFeature | LastNFeature | TimeFeature):
+                expanded = {
+                    f"{f.name}_{s}" for s in (suffixes if isinstance(f, TimeFeature) else f.aggs)
+                }
+            else:
+                expanded = {f.name}
+            if selected and self.select is not None and f.name not in self.select:
+                expanded &= set(self.select)
+            if selected:
+                expanded = set() if f.name in self.exclude else expanded - set(self.exclude)
+            keys |= expanded
+        return keys
+
     def topic(self, suffix: str) -> str:
         return f"{self.name}.{suffix}"
 
@@ -393,8 +608,9 @@ class PipelineSpec(_Strict):
     @property
     def spec_hash(self) -> str:
         """Identity of the data contract and online model. Batch training settings, the
-        promotion rule and serving roles are left out: changing them (promoting the batch
-        model, say) neither renames the online model nor invalidates trained artifacts."""
+        promotion rule, serving roles, drift monitors, retraining and alerts are left out:
+        changing them (promoting the batch model, tuning a detector) neither renames the
+        online model nor invalidates trained artifacts."""
         data = self.model_dump(mode="json", by_alias=True, exclude=_NOT_HASHED)
         canonical = json.dumps(data, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -425,9 +641,13 @@ def parse_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
             parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
             if len(parts) > 2 and parts[0] == "features" and parts[2] in kinds:
                 del parts[2]  # the discriminator pydantic adds is not a key of the file
+            msg = err["msg"].removeprefix("Value error, ")
+            problem = err.get("ctx", {}).get("error")
+            if isinstance(problem, KeyProblem):  # a check below the key pydantic reports
+                parts += [str(p) for p in problem.path]
+                msg = problem.detail
             loc = ".".join(parts)
             loc = loc.replace("schema_", "schema")
-            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "missing":

@@ -103,7 +103,33 @@ MODEL_COLUMNS = [
     "train_rows",
     "params",
 ]
+DRIFT_COLUMNS = [
+    "pipeline",
+    "model_version",
+    "detector",
+    "kind",
+    "target",
+    "statistic",
+    "threshold",
+    "window_size",
+    "ts",
+    "drift_id",
+    "details",
+]
+ALERT_COLUMNS = [
+    "pipeline",
+    "event_id",
+    "ts",
+    "rule",
+    "state",
+    "metric",
+    "value",
+    "threshold",
+    "message",
+]
 COLUMNS = {
+    "drift_events": DRIFT_COLUMNS,
+    "alerts": ALERT_COLUMNS,
     "features": FEATURE_COLUMNS,
     "audit_events": AUDIT_COLUMNS,
     "model_versions": MODEL_COLUMNS,
@@ -224,6 +250,43 @@ def control_rows(v: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
             ),
         )
     ]
+    details = v.get("details") or {}
+    if v["action"] == "drift_detected":
+        rows.append(
+            (
+                "drift_events",
+                (
+                    v["pipeline"],
+                    v.get("version", ""),
+                    str(details.get("detector", "")),
+                    str(details.get("kind", "")),
+                    str(details.get("target", "")),
+                    float(details.get("statistic", 0.0)),
+                    float(details.get("threshold", 0.0)),
+                    int(details.get("window", 0)),
+                    _ts(v["ts_ms"]),
+                    v["event_id"],
+                    json.dumps(details, sort_keys=True, default=str),
+                ),
+            )
+        )
+    elif v["action"] == "alert":
+        rows.append(
+            (
+                "alerts",
+                (
+                    v["pipeline"],
+                    v["event_id"],
+                    _ts(v["ts_ms"]),
+                    str(details.get("rule", "")),
+                    str(details.get("state", "")),
+                    str(details.get("metric", "")),
+                    float(details.get("value", 0.0)),
+                    float(details.get("threshold", 0.0)),
+                    v.get("reason", ""),
+                ),
+            )
+        )
     model = v.get("model")
     if model:
         row = dict(model)

@@ -7,10 +7,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
 
 from streamml.config import Settings
-from streamml.devstack.worker import settings_env
+from streamml.devstack.worker import WorkerProcess, settings_env
+from streamml.testing import free_port
+
+T = TypeVar("T")
 
 
 def run_cli(
@@ -47,3 +55,64 @@ def java_processes_under(path: Path) -> list[int]:
         if "kafka.Kafka" in cmdline and str(path) in cmdline:
             pids.append(int(proc.name))
     return pids
+
+
+# --- pipelines and workers of a test ------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pipeline_dir(
+    tmp: Path, source: str, name: str, edit: Callable[[dict[str, Any]], None] | None = None
+) -> Path:
+    """A copy of a shipped spec under a new name (so its topics are the test's own),
+    optionally changed by ``edit`` (e.g. a smaller batch-model search)."""
+    spec = yaml.safe_load((ROOT / "pipelines" / f"{source}.yaml").read_text())
+    spec["name"] = name
+    if edit is not None:
+        edit(spec)
+    folder = tmp / "pipelines"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def worker_settings(stack: Settings, tmp: Path, pipelines: Path, app_id: str) -> Settings:
+    """Settings of one worker on the session broker, with its own state dir and web port."""
+    return stack.model_copy(
+        update={
+            "state_dir": tmp / f"state-{app_id}",
+            "web_port": free_port(),
+            "app_id": app_id,
+            "pipelines_dir": pipelines,
+            "kafka_bootstrap": stack.bootstrap_servers,
+        }
+    )
+
+
+def scalar(worker: WorkerProcess, sql: str) -> int:
+    """The single number a query answers, through the worker that owns the warehouse."""
+    return int(worker.query(sql)[1][0][0])
+
+
+def wait_for(worker: WorkerProcess, sql: str, want: int, timeout_s: float = 120) -> int:
+    """Poll a count query until it reaches ``want``; fail with the worker's log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    got = -1
+    while time.monotonic() < deadline:
+        got = scalar(worker, sql)
+        if got >= want:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"{sql!r} reached {got}, wanted {want}\n{worker.log_tail()}")
+
+
+def wait_until(check: Callable[[], T | None], what: str, timeout_s: float = 60) -> T:
+    """Poll ``check`` until it returns something other than None/False; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.25)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ import pytest
 import yaml
 
 from streamml.errors import SpecError
+from streamml.models import synthetic
+from streamml.models.features import Featurizer, GlobalState
+from streamml.schemas.records import Record, Source, validate
 from streamml.schemas.spec import PipelineSpec, load_spec, parse_spec
 
 PIPELINES = Path(__file__).resolve().parents[3] / "pipelines"
@@ -350,7 +354,7 @@ def test_demo_spec_declares_a_batch_challenger_in_shadow() -> None:
     }
     assert batch.onnx.parity_tolerance == 1e-5 and batch.cv_folds == 3
     assert (spec.promotion.metric, spec.promotion.min_delta) == ("roc_auc", 0.005)
-    assert spec.promotion.min_labeled_events == 500
+    assert spec.promotion.min_labeled_events == 300
     assert (spec.serving.champion, spec.serving.challenger) == ("online", "batch")
     assert spec.serving.challenger_mode == "shadow"
 
@@ -489,4 +493,151 @@ def test_spec_hash_ignores_batch_settings_promotion_and_serving(path: str, value
 def test_spec_hash_is_the_same_with_or_without_the_batch_sections() -> None:
     data = _data()
     plain = {k: v for k, v in data.items() if k not in ("batch_model", "promotion", "serving")}
+    assert parse_spec(plain).spec_hash == parse_spec(data).spec_hash
+
+
+# --- drift, retraining and alerts ------------------------------------------------------
+
+
+def test_demo_spec_declares_drift_monitors_retraining_and_alerts() -> None:
+    spec = load_spec(PIPELINES / "demo.yaml")
+    concept, data, prediction = spec.drift.concept, spec.drift.data, spec.drift.prediction
+    assert concept is not None and data is not None
+    assert prediction is None  # the online champion's scores move as it learns: left out
+    assert (concept.detector, concept.params, concept.min_events) == ("adwin", {"delta": 0.05}, 100)
+    assert (data.method, data.features, data.threshold, data.window) == (
+        "psi",
+        ["amount_log", "risk"],
+        0.2,
+        500,
+    )
+    retrain = spec.retrain
+    assert (retrain.on_drift, retrain.kinds, retrain.cooldown_s) == (True, ["concept"], 120)
+    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 300, None)
+    rules = {r.name: (r.metric, r.op, r.threshold, r.window_s) for r in spec.alerts.rules}
+    assert rules == {
+        "low_accuracy": ("accuracy", "below", 0.6, 120),
+        "dead_letters": ("dead_letter_rate", "above", 0.05, 300),
+        "slow_scoring": ("p99_latency_ms", "above", 250, 300),
+        "consumer_lag": ("consumer_lag", "above", 20000, 300),
+    }
+
+
+def test_without_the_step_4_sections_concept_drift_retrains_and_nothing_alerts() -> None:
+    spec = load_spec(PIPELINES / "phishing.yaml")
+    assert spec.drift.concept is not None and spec.drift.concept.detector == "adwin"
+    assert spec.drift.concept.params == {} and spec.drift.concept.min_events == 100
+    assert spec.drift.data is None and spec.drift.prediction is None
+    assert spec.retrain.kinds == ["concept"] and spec.retrain.cooldown_s == 300
+    assert spec.retrain.since_drift and spec.retrain.last_events == 5000
+    assert spec.alerts.rules == [] and spec.alerts.webhook is None
+    assert spec.alerts.interval_s == 10
+
+
+def test_numeric_keys_are_the_non_indicator_keys_the_featurizer_emits() -> None:
+    spec = load_spec(PIPELINES / "demo.yaml")
+    featurizer, state, entity = Featurizer(spec), GlobalState(), {}
+    seen: set[str] = set()
+    for i, example in enumerate(synthetic.payments(50)):
+        record = validate(spec, json.dumps(example.record).encode(), Source("r", 0, i, 0))
+        assert isinstance(record, Record)
+        seen |= set(featurizer.transform(record, state, entity))
+    assert spec.numeric_keys() == {k for k in seen if "=" not in k and "#" not in k}
+    assert "amount_x_risk" not in spec.numeric_keys()  # excluded by the demo
+    assert spec.numeric_keys(selected=False) == spec.numeric_keys() | {"amount_x_risk"}
+
+
+def test_data_drift_may_name_a_feature_that_select_leaves_out() -> None:
+    # Trying another feature selection must not invalidate the drift section.
+    spec = parse_spec({**_data(), "select": ["amount_z"]})
+    assert spec.drift.data is not None and spec.drift.data.features == ["amount_log", "risk"]
+    assert spec.numeric_keys() == {"amount_z"}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("drift.concpt", {}, "drift.concpt: unknown key"),
+        ("drift.concept.detector", "eddm", "drift.concept.detector: Input should be 'adwin', "),
+        ("drift.concept.params", {"dlta": 0.1}, "drift.concept.params.dlta: not a parameter of "),
+        ("drift.concept.params", {"delta": 1.5}, "drift.concept.params.delta: must be between 0"),
+        ("drift.concept.params", {"clock": 0}, "drift.concept.params.clock: must be above 0"),
+        ("drift.concept.min_events", 0, "drift.concept.min_events: Input should be greater"),
+        ("drift.data.method", "ks", "drift.data.method: Input should be 'psi' or 'kswin'"),
+        ("drift.data.alpha", 0.01, "drift.data.alpha: applies to method kswin only"),
+        ("drift.data.window", 10, "drift.data.window: Input should be greater than or equal to 50"),
+        ("drift.data.features", ["amount"], "drift.data.features.0: 'amount' is not a numeric fea"),
+        ("drift.data.features", ["risk", "merchant"], "drift.data.features.1: 'merchant' is not"),
+        ("drift.data.features", [], "drift.data.features: List should have at least 1 item"),
+        (
+            "drift.prediction",
+            {"method": "kswin"},
+            "drift.prediction.method: Input should be 'psi'",
+        ),
+        ("retrain.kinds", ["concept", "data", "concept"], "retrain.kinds: list each kind once"),
+        ("retrain.kinds", ["model"], "retrain.kinds.0: Input should be 'concept', 'data' or "),
+        ("retrain.min_events", 5000, "retrain.min_events: must not exceed last_events (4000)"),
+        ("retrain.cooldown_s", -1, "retrain.cooldown_s: Input should be greater than or equal"),
+        ("retrain.interval_s", 0, "retrain.interval_s: Input should be greater than 0"),
+        ("retrain.every", 60, "retrain.every: unknown key"),
+        ("alerts.rules.0.metric", "rmse", "alerts.rules.0.metric: 'rmse' does not fit task "),
+        ("alerts.rules.1.op", "over", "alerts.rules.1.op: Input should be 'below' or 'above'"),
+        ("alerts.rules.2.name", "", "alerts.rules.2.name: String should have at least 1 char"),
+        ("alerts.rules.3.threshold", None, "alerts.rules.3.threshold: Input should be a valid"),
+        ("alerts.rules.1.name", "low_accuracy", "alerts.rules: rule names must be unique: ['low_"),
+        ("alerts.webhook", "ftp://example.com/x", "alerts.webhook: an http:// or https:// URL"),
+        ("alerts.webhook", "https://", "alerts.webhook: an http:// or https:// URL with a host"),
+        ("alerts.interval_s", 0, "alerts.interval_s: Input should be greater than 0"),
+    ],
+)
+def test_step_4_keys_are_checked_at_their_path(path: str, value: Any, expected: str) -> None:
+    assert _problem(_set(_data(), path, value)).startswith(expected)
+
+
+def test_a_retrain_kind_needs_its_monitor() -> None:
+    data = _set(_drop(_data(), "drift.data"), "retrain.kinds", ["concept", "data"])
+    assert _problem(data) == "retrain.kinds.1: 'data' needs a drift.data section"
+    no_concept = _set(_data(), "drift.concept", None)
+    assert _problem(no_concept) == "retrain.kinds.0: 'concept' needs a drift.concept section"
+    quiet = _set(no_concept, "retrain.on_drift", False)
+    assert parse_spec(quiet).drift.concept is None
+
+
+def test_task_specific_alert_metrics_and_detectors() -> None:
+    rule = {"name": "err", "metric": "accuracy", "op": "below", "threshold": 0.5}
+    regression = _regression({"alerts": {"rules": [rule]}})
+    assert _problem(regression).startswith(
+        "alerts.rules.0.metric: 'accuracy' does not fit task 'regression' (use one of "
+    )
+    ok = _regression({"alerts": {"rules": [{**rule, "metric": "mae", "op": "above"}]}})
+    assert parse_spec(ok).alerts.rules[0].metric == "mae"
+    ddm = _regression({"drift": {"concept": {"detector": "ddm"}}})
+    assert _problem(ddm).startswith("drift.concept.detector: ddm watches 0/1 errors")
+
+
+def test_webhook_accepts_http_and_https() -> None:
+    for url in ("http://localhost:9000/hook", "https://alerts.example.com/streamml"):
+        assert parse_spec(_set(_data(), "alerts.webhook", url)).alerts.webhook == url
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("drift.concept.params", {"delta": 0.01}),
+        ("drift.data.threshold", 0.3),
+        ("retrain.cooldown_s", 60),
+        ("alerts.rules.0.threshold", 0.7),
+        ("alerts.webhook", "https://example.com/hook"),
+    ],
+)
+def test_spec_hash_ignores_drift_retrain_and_alerts(path: str, value: Any) -> None:
+    base = parse_spec(_data())
+    changed = parse_spec(_set(_data(), path, value))
+    assert changed != base
+    assert changed.spec_hash == base.spec_hash
+
+
+def test_spec_hash_is_the_same_with_or_without_the_step_4_sections() -> None:
+    data = _data()
+    plain = {k: v for k, v in data.items() if k not in ("drift", "retrain", "alerts")}
     assert parse_spec(plain).spec_hash == parse_spec(data).spec_hash
