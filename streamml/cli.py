@@ -349,7 +349,7 @@ def schema_export(
 
 @app.command()
 def demo(
-    events: int = typer.Option(18_000, help="How many events to stream."),
+    events: int = typer.Option(24_000, help="How many events to stream."),
     keep_broker: bool = typer.Option(
         False, "--keep-broker", help="Leave the broker running if the demo started it."
     ),

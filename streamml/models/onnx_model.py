@@ -8,12 +8,15 @@ for regression. The input standardisation is part of the graph.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import torch
@@ -33,23 +36,17 @@ def output_name(task: str) -> str:
 
 def export_onnx(result: TrainResult, path: Path | str) -> None:
     """Write ``result.model`` as ONNX (dynamic batch axis) with its feature names, classes
-    and task as metadata."""
-    out = output_name(result.task)
-    dummy = torch.zeros(2, len(result.feature_names), dtype=torch.float32)
-    result.model.eval()
-    with warnings.catch_warnings():
-        # dynamo=False asks for the TorchScript exporter on purpose; it warns that it is legacy.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            result.model,
-            (dummy,),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT],
-            output_names=[out],
-            dynamic_axes={INPUT: {0: "batch"}, out: {0: "batch"}},
-            opset_version=OPSET,
-        )
+    and task as metadata.
+
+    The graph computes in float64 where onnxruntime can: the trained float32 weights
+    convert exactly, and torch and onnxruntime then agree to ~1e-12 instead of differing by
+    up to a few 1e-5 (float32 matmuls accumulate in different orders), so the parity check
+    has a real margin. GELU has no double kernel in onnxruntime: such models stay float32."""
+    try:  # float64 unless onnxruntime's CPU kernels lack an op in double (e.g. GELU's Erf)
+        _export(_double(result.model), torch.float64, result, path)
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception:
+        _export(copy.deepcopy(result.model).float().eval(), torch.float32, result, path)
     graph = onnx.load(str(path))
     meta = {
         "feature_names": json.dumps(result.feature_names),
@@ -59,6 +56,36 @@ def export_onnx(result: TrainResult, path: Path | str) -> None:
     }
     onnx.helper.set_model_props(graph, {META + k: v for k, v in meta.items()})
     onnx.save(graph, str(path))
+
+
+def _export(
+    model: torch.nn.Module, dtype: torch.dtype, result: TrainResult, path: Path | str
+) -> None:
+    out = output_name(result.task)
+    dummy = torch.zeros(2, len(result.feature_names), dtype=dtype)
+    with warnings.catch_warnings():
+        # dynamo=False asks for the TorchScript exporter on purpose; it warns that it is legacy.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT],
+            output_names=[out],
+            dynamic_axes={INPUT: {0: "batch"}, out: {0: "batch"}},
+            opset_version=OPSET,
+        )
+
+
+def _double(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).double().eval()
+
+
+def _torch_outputs(model: torch.nn.Module, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    with torch.no_grad():
+        out: npt.NDArray[np.float64] = _double(model)(torch.from_numpy(X)).numpy()
+    return out
 
 
 def read_metadata(path: Path | str) -> dict[str, str]:
@@ -75,13 +102,15 @@ def check_parity(
     predictions relative to ``max(1, |prediction|)`` (float32 cannot hold 1e-5 at 1e3)."""
     if len(X_test) == 0:
         raise ModelError("parity needs at least one row")
-    X = np.ascontiguousarray(X_test, dtype=np.float32)
-    expected = predict(result.model, X)
+    X = np.ascontiguousarray(X_test, dtype=np.float64)
     scorer = OnnxScorer(onnx_path, result.feature_names, result.classes, result.task)
-    got = scorer.predict_batch(X)
-    if got.shape != expected.shape:
-        raise OnnxParityError(f"ONNX output shape {got.shape} != torch {expected.shape}")
-    want = expected.astype(np.float64)
+    if scorer.dtype is np.float64:
+        want = _torch_outputs(result.model, X)
+    else:
+        want = predict(result.model, X.astype(np.float32)).astype(np.float64)
+    got = np.asarray(scorer.session.run(None, {INPUT: X.astype(scorer.dtype)})[0])
+    if got.shape != want.shape:
+        raise OnnxParityError(f"ONNX output shape {got.shape} != torch {want.shape}")
     scale = np.maximum(1.0, np.abs(want)) if result.task == "regression" else 1.0
     diff = float(np.max(np.abs(got.astype(np.float64) - want) / scale))
     if not diff <= tolerance:  # also catches NaN
@@ -117,6 +146,9 @@ class OnnxScorer:
             raise ModelError(f"cannot load ONNX model {path}: {exc}") from exc
         self.feature_names = list(feature_names)
         self.index = {name: j for j, name in enumerate(self.feature_names)}
+        # float64 graphs (export_onnx) and float32 ones (older or foreign files) both load
+        double = self.session.get_inputs()[0].type == "tensor(double)"
+        self.dtype: type[np.floating[Any]] = np.float64 if double else np.float32
         self.class_keys = [str(c) for c in classes]
         self.classification = task == "classification"
         self.positive_key = str(_pos_label(positive))
@@ -155,7 +187,7 @@ class OnnxScorer:
 
     def predict_batch(self, X: FloatArray) -> FloatArray:
         """Raw model output for rows ``X``: probabilities ``[n, k]`` or predictions ``[n, 1]``."""
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        X = np.ascontiguousarray(X, dtype=self.dtype)
         if X.ndim != 2 or X.shape[1] != len(self.feature_names):
             raise ModelError(f"expected rows of {len(self.feature_names)} features, got {X.shape}")
         out: FloatArray = np.asarray(self.session.run(None, {INPUT: X})[0], dtype=np.float32)
@@ -165,7 +197,7 @@ class OnnxScorer:
         """Predictions for feature dicts, built as OnlineLearner.predict builds them."""
         if not vectors:
             return []
-        X = np.asarray([self._row(v) for v in vectors], dtype=np.float32)
+        X = np.asarray([self._row(v) for v in vectors], dtype=self.dtype)
         out: FloatArray = np.asarray(self.session.run(None, {INPUT: X})[0], dtype=np.float32)
         if not self.classification:
             return [Prediction(float(row[0]), "", {}) for row in out]

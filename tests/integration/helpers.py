@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,3 +119,44 @@ def wait_until(check: Callable[[], T | None], what: str, timeout_s: float = 60) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.25)
+
+
+# --- a webhook receiver -------------------------------------------------------------------
+
+
+class WebhookCatcher:
+    """A tiny HTTP server on 127.0.0.1, in a thread, that keeps every JSON body POSTed to
+    it (the receiving end of an alert webhook)."""
+
+    def __init__(self) -> None:
+        bodies: list[dict[str, Any]] = []
+        self.bodies = bodies
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("content-length") or 0)
+                paths.append(self.path)
+                bodies.append(json.loads(self.rfile.read(size) or b"null"))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def __enter__(self) -> WebhookCatcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

@@ -346,13 +346,13 @@ def test_demo_spec_declares_a_batch_challenger_in_shadow() -> None:
     )
     assert (batch.split.validation, batch.split.test) == (0.15, 0.15)
     assert batch.search is not None and batch.search.method == "random"
-    assert batch.search.trials == 6
+    assert batch.search.trials == 3
     assert batch.search.space.axes() == {
         "lr": [0.0003, 0.001, 0.003],
         "hidden": [[32, 16], [64, 32], [16]],
         "weight_decay": [0.0, 0.0001],
     }
-    assert batch.onnx.parity_tolerance == 1e-5 and batch.cv_folds == 3
+    assert batch.onnx.parity_tolerance == 1e-5 and batch.cv_folds == 2
     assert (spec.promotion.metric, spec.promotion.min_delta) == ("roc_auc", 0.005)
     assert spec.promotion.min_labeled_events == 300
     assert (spec.serving.champion, spec.serving.challenger) == ("online", "batch")
