@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from streamml import lifecycle
 from streamml.config import Settings
 from streamml.errors import StreamMLError
+from streamml.models.online import positive_label
 from streamml.models.policy import RetrainPolicy, RoleScore, judge_challenger
 from streamml.models.registry import Registry
 from streamml.models.serving import online_version
@@ -46,6 +47,43 @@ class _Pending:
     request: ControlEvent
     window: lifecycle.Window
     since: float
+
+
+def score_sql(spec: PipelineSpec, champion: str, challenger: str, since_ms: int) -> str:
+    """(model_version, value of promotion.metric, labelled events) for the champion's served
+    predictions and the challenger's, over the events both scored since ``since_ms``."""
+    name, pos = spec.name, str(positive_label(spec.label.positive)).replace("'", "")
+    hit, truth = f"p.predicted_class = '{pos}'", f"l.label = '{pos}'"
+    expressions = {
+        "accuracy": "avg(p.predicted_class = l.label)",
+        "roc_auc": f"arrayAUC(groupArray(p.score), groupArray({truth}))",
+        "precision": f"countIf({hit} AND {truth}) / greatest(countIf({hit}), 1)",
+        "recall": f"countIf({hit} AND {truth}) / greatest(countIf({truth}), 1)",
+        "f1": f"2 * countIf({hit} AND {truth}) / greatest(countIf({hit}) + countIf({truth}), 1)",
+        "rmse": "sqrt(avg(pow(p.score - l.label_value, 2)))",
+        "mae": "avg(abs(p.score - l.label_value))",
+    }
+    value = expressions[spec.promotion.metric]
+    return f"""
+        SELECT p.model_version, {value}, count()
+        FROM (
+            SELECT event_id, model_version, any(predicted_class) AS predicted_class,
+                   any(score) AS score
+            FROM predictions
+            WHERE pipeline = '{name}' AND inserted_at >= fromUnixTimestamp64Milli({since_ms})
+              AND ((model_version = '{champion}' AND role = 'champion')
+                   OR model_version = '{challenger}')
+              AND event_id IN (SELECT event_id FROM predictions WHERE pipeline = '{name}'
+                               AND model_version = '{challenger}')
+            GROUP BY event_id, model_version
+        ) AS p
+        INNER JOIN (
+            SELECT event_id, argMax(label, inserted_at) AS label,
+                   argMax(label_value, inserted_at) AS label_value
+            FROM labels WHERE pipeline = '{name}' GROUP BY event_id
+        ) AS l ON p.event_id = l.event_id
+        GROUP BY p.model_version
+    """
 
 
 class Trainer:
@@ -210,17 +248,13 @@ class Trainer:
     def _scores(
         self, spec: PipelineSpec, challenger: str, since_ms: int
     ) -> tuple[RoleScore | None, RoleScore | None]:
+        """Champion and challenger on the same labelled events: those the challenger scored
+        (since it was deployed), joined with their labels in ClickHouse."""
         metric = spec.promotion.metric
         champion = self.registry.champion(spec.name)
         champion_version = champion.version if champion else online_version(spec)
-        rows = self.query(
-            f"SELECT model_version, sum(value * n) / sum(n), sum(n) FROM metrics FINAL "
-            f"WHERE pipeline = '{spec.name}' AND metric = '{metric}' "
-            f"AND window_start >= toStartOfMinute(fromUnixTimestamp64Milli({since_ms})) "
-            f"AND model_version IN ('{champion_version}', '{challenger}') "
-            f"AND (role = 'champion' OR model_version = '{challenger}') GROUP BY model_version"
-        ).rows
-        found = {str(r[0]): (float(r[1]), int(r[2])) for r in rows}
+        rows = self.query(score_sql(spec, champion_version, challenger, since_ms)).rows
+        found = {str(r[0]): (float(r[1]), int(r[2])) for r in rows if r[1] is not None}
         champ = found.get(champion_version)
         chall = found.get(challenger)
         return (

@@ -49,7 +49,7 @@ class OnlineLearner:
         self.metrics = new_metrics(spec)
         self.classification = spec.task == "classification"
         self.positive = spec.label.positive
-        self.positive_key = str(_pos_label(spec.label.positive))
+        self.positive_key = str(positive_label(spec.label.positive))
         self.version = f"online-{spec.spec_hash[:8]}"  # hashing the spec per call is slow
 
     def predict(self, x: dict[str, float]) -> Prediction:
@@ -115,7 +115,7 @@ def metric_values(metrics: dict[str, Any]) -> dict[str, float]:
 def new_metrics(spec: PipelineSpec) -> dict[str, Any]:
     if spec.task == "regression":
         return {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
-    pos = _pos_label(spec.label.positive)
+    pos = positive_label(spec.label.positive)
     return {
         "accuracy": metrics.Accuracy(),
         "precision": metrics.Precision(pos_val=pos),
@@ -125,7 +125,7 @@ def new_metrics(spec: PipelineSpec) -> dict[str, Any]:
     }
 
 
-def _pos_label(positive: str | None) -> Any:
+def positive_label(positive: str | None) -> Any:
     """The positive class as labels are coerced: "true"/"1" -> True, "false"/"0" -> False."""
     if positive is None or positive.lower() in ("true", "1"):
         return True
@@ -160,5 +160,5 @@ def _like(predicted: str, target: Any) -> Any:
 
 
 def _is_positive(target: Any, positive: str | None) -> bool:
-    pos = _pos_label(positive)
+    pos = positive_label(positive)
     return bool(target == pos or str(target) == str(pos))

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from streamml.errors import ModelError, OnnxParityError
-from streamml.models.online import Prediction, _pos_label
+from streamml.models.online import Prediction, positive_label
 from streamml.models.training import FloatArray, Label, TrainResult, predict
 
 INPUT = "features"
@@ -151,7 +151,7 @@ class OnnxScorer:
         self.dtype: type[np.floating[Any]] = np.float64 if double else np.float32
         self.class_keys = [str(c) for c in classes]
         self.classification = task == "classification"
-        self.positive_key = str(_pos_label(positive))
+        self.positive_key = str(positive_label(positive))
         width = self.session.get_inputs()[0].shape[1]
         if isinstance(width, int) and width != len(self.feature_names):
             raise ModelError(

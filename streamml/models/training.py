@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from streamml.errors import TrainingError
-from streamml.models.online import _pos_label, coerce_label
+from streamml.models.online import positive_label, coerce_label
 from streamml.schemas.spec import BatchModelSpec, PipelineSpec, SplitSpec
 
 RESERVED = ("event_id", "ts", "label")
@@ -140,7 +140,7 @@ def prepare(
         if unknown:
             raise TrainingError(f"labels {sorted(unknown)} are not among the classes {found}")
         y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
-        positive = index.get(str(_pos_label(spec.label.positive)))
+        positive = index.get(str(positive_label(spec.label.positive)))
     return Dataset(
         spec.task, [ids[i] for i in order], ts[order], X[order], labels, y, names, found, positive
     )
@@ -220,6 +220,11 @@ def _cut(ts: npt.NDArray[np.int64], i: int, hi: int) -> int:
 # --- model -------------------------------------------------------------------------------
 
 
+Z_LIMIT = 10.0  # standardized inputs are clipped to +-this
+MIN_STD = 1e-3  # a training column varying less than this is switched off
+OFF_SCALE = 1e12
+
+
 class MLP(nn.Module):
     """Standardise, hidden layers, output head; ``forward`` is what ONNX exports."""
 
@@ -247,7 +252,9 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.net((x - self.x_mean) / self.x_std)
+        # clipped: an input far outside what training saw must not saturate every unit
+        z = torch.clamp((x - self.x_mean) / self.x_std, -Z_LIMIT, Z_LIMIT)
+        out: torch.Tensor = self.net(z)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -495,7 +502,10 @@ def _setup(
         model = MLP(tr.X.shape[1], params.hidden, params.activation, n_out, head, pos)
     std = tr.X.std(axis=0)
     model.x_mean.copy_(torch.from_numpy(tr.X.mean(axis=0)))
-    model.x_std.copy_(torch.from_numpy(np.where(std > 0, std, 1.0).astype(np.float32)))
+    # A feature (nearly) constant over the training window -- e.g. the hour of day over a
+    # few minutes of events -- carries nothing to learn; scaled by a small std it would blow
+    # up when serving sees it move. Such columns are switched off (a huge scale).
+    model.x_std.copy_(torch.from_numpy(np.where(std > MIN_STD, std, OFF_SCALE).astype(np.float32)))
     if loss == "bce":
         y_tr, y_va = (torch.from_numpy(d.y == pos).float().unsqueeze(1) for d in (tr, va))
         return model, nn.BCEWithLogitsLoss(), y_tr, y_va
