@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from streamml.errors import TrainingError
-from streamml.models.online import positive_label, coerce_label
+from streamml.models.online import coerce_label, positive_label
 from streamml.schemas.spec import BatchModelSpec, PipelineSpec, SplitSpec
 
 RESERVED = ("event_id", "ts", "label")
