@@ -94,32 +94,50 @@ def run_demo(
         run_start = dt.datetime.now(dt.UTC).replace(microsecond=0)
         seed = int(run_start.timestamp())
         report.run_filter = f"startsWith(event_id, 'pay-{seed}-')"  # this run's events only
-        examples = payments(events, seed=seed, start=run_start, span_s=1200, bad_every=BAD_EVERY)
+        examples = list(
+            payments(events, seed=seed, start=run_start, span_s=1200, bad_every=BAD_EVERY)
+        )
+        warmup = events // 4
         produced = [0]
         failure: list[BaseException] = []
 
-        def produce() -> None:
-            try:
-                asyncio.run(
-                    produce_examples(
-                        settings,
-                        spec,
-                        examples,
-                        rate=RATE,
-                        label_delay=200,
-                        progress=lambda n: produced.__setitem__(0, n),
+        def stream(part: list[Any], offset: int) -> threading.Thread:
+            def produce() -> None:
+                try:
+                    asyncio.run(
+                        produce_examples(
+                            settings,
+                            spec,
+                            part,
+                            rate=RATE,
+                            label_delay=200,
+                            progress=lambda n: produced.__setitem__(0, offset + n),
+                        )
                     )
-                )
-            except BaseException as exc:  # reported by the main thread
-                failure.append(exc)
+                except BaseException as exc:  # reported by the main thread
+                    failure.append(exc)
+
+            thread = threading.Thread(target=produce, daemon=True)
+            thread.start()
+            return thread
+
+        def good_in(part: list[Any]) -> int:
+            return sum(1 for ex in part if ex.label is not None)
 
         say(
-            f"streaming {events} events at {RATE:.0f}/s ({bad} malformed on purpose), concept "
-            "drift at the halfway mark; the worker's trainer watches for drift"
+            f"streaming {events} events at {RATE:.0f}/s ({bad} malformed on purpose); the "
+            f"first {warmup} before any drift, with the online model serving"
         )
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        _watch(worker, report, run_start, produced, started, on_tick, timeout_s, thread, failure)
+        thread = stream(examples[:warmup], 0)
+        watch = (worker, report, run_start, produced, started, on_tick, timeout_s)
+        _watch(*watch, thread, failure, good_in(examples[:warmup]))
+        _first_batch_model(settings, report, say)
+        say(
+            f"streaming the other {events - warmup}: concept drift at event {events // 2}; "
+            "the worker's trainer watches the champion's errors"
+        )
+        thread = stream(examples[warmup:], warmup)
+        _watch(*watch, thread, failure, report.good)
         _settle(worker, say)
         _lifecycle_from_cli(settings, worker, report, say)
         report.seconds = time.monotonic() - started
@@ -150,47 +168,80 @@ def _settle(worker: WorkerProcess, say: Callable[[str], None], timeout_s: float 
 
 
 def _cli(settings: Settings, *args: str) -> str:
+    """Run a ``streamml`` command in this process (the demo's settings, output recorded):
+    the same code as the command line, without paying the imports again per command."""
+    import io
     import os
-    import subprocess
-    import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMML_")}
-    env.update(settings_env(settings))
-    env["COLUMNS"] = "110"
-    done = subprocess.run(
-        [sys.executable, "-m", "streamml", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    import typer
+    from rich.console import Console
+
+    from streamml import cli
+
+    saved_env = dict(os.environ)
+    os.environ.update(settings_env(settings))
+    recorder = Console(file=io.StringIO(), width=110, record=True)
+    saved_console, cli.console = cli.console, recorder
+    try:
+        cli.app(list(args), standalone_mode=False)
+    except (typer.Exit, SystemExit) as exc:  # a command's error was printed; say how it ended
+        code = getattr(exc, "exit_code", getattr(exc, "code", 1))
+        recorder.print(f"(exit code {code})")
+    finally:
+        cli.console = saved_console
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return recorder.export_text().strip()
+
+
+def _run_cli(settings: Settings, report: DemoReport, say: Callable[[str], None], *args: str) -> str:
+    say("$ streamml " + " ".join(args))
+    out = _cli(settings, *args)
+    report.cli.append(("streamml " + " ".join(args), out))
+    return out
+
+
+def _first_batch_model(settings: Settings, report: DemoReport, say: Callable[[str], None]) -> None:
+    """Before the drift, from the CLI: train a batch model on what the pipeline logged,
+    run it as a shadow, then promote it -- the champion the drift will then hurt."""
+    _run_cli(settings, report, say, "train", PIPELINE, "--no-deploy")
+    version = Registry(settings.registry_path).list(PIPELINE)[-1].version
+    _run_cli(settings, report, say, "models", "challenger", PIPELINE, version)
+    _run_cli(
+        settings,
+        report,
+        say,
+        "models",
+        "promote",
+        PIPELINE,
+        version,
+        "--reason",
+        "demo: serve the batch model",
     )
-    return (done.stdout + done.stderr).strip()
 
 
 def _lifecycle_from_cli(
     settings: Settings, worker: WorkerProcess, report: DemoReport, say: Callable[[str], None]
 ) -> None:
-    """The registry from the command line, as a user would: list, train if the loop left
-    no batch champion, promote, roll back, and promote again."""
+    """After the stream: the registry as the loop left it, then a rollback and back."""
+    _run_cli(settings, report, say, "models", "list", PIPELINE)
     registry = Registry(settings.registry_path)
-
-    def run(*args: str) -> str:
-        say("$ streamml " + " ".join(args))
-        out = _cli(settings, *args)
-        report.cli.append(("streamml " + " ".join(args), out))
-        return out
-
-    run("models", "list", PIPELINE)
     champion = registry.champion(PIPELINE)
-    if champion is None:
-        run("train", PIPELINE, "--last-events", "4000", "--no-deploy")
-        latest = registry.list(PIPELINE)[-1].version
-        run("models", "promote", PIPELINE, latest, "--reason", "demo: promoted by hand")
-        champion = registry.champion(PIPELINE)
-    run("models", "rollback", PIPELINE, "--reason", "demo: roll back")
     if champion is not None:
-        run("models", "promote", PIPELINE, champion.version, "--reason", "demo: and back")
+        _run_cli(
+            settings, report, say, "models", "rollback", PIPELINE, "--reason", "demo: roll back"
+        )
+        _run_cli(
+            settings,
+            report,
+            say,
+            "models",
+            "promote",
+            PIPELINE,
+            champion.version,
+            "--reason",
+            "demo: and forward again",
+        )
     time.sleep(1.0)
     report.cli.append(
         ("serving now", str(worker.get("/stats")["pipelines"][PIPELINE]["deployment"]))
@@ -211,6 +262,7 @@ def _watch(
     timeout_s: float,
     thread: threading.Thread,
     failure: list[BaseException],
+    good: int,
 ) -> None:
     since = _since(run_start)
     last = (time.monotonic(), 0, 0.0, 0.0)  # time, scored, correct, learned
@@ -247,7 +299,8 @@ def _watch(
         )
         on_tick(tick)
         last = (now, scored, correct, learned)
-        if not thread.is_alive() and in_warehouse >= report.good and dead >= report.bad:
+        settled = good < report.good or dead >= report.bad  # dead letters: the last part
+        if not thread.is_alive() and in_warehouse >= good and settled:
             return
         if now > deadline:
             raise DevStackError(
@@ -308,12 +361,28 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
     start_ms = run_start.timestamp() * 1000
     if first_drift and first_drift[0][0] and int(first_drift[0][0]) > start_ms:
         report.marks["drift detected"] = (int(first_drift[0][0]) - start_ms) / 60_000
-    _, promoted = worker.query(f"""
-        SELECT toUnixTimestamp64Milli(min(ts)) FROM predictions
-        WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1
-        AND startsWith(model_version, 'v')""")
-    if promoted and promoted[0][0] and int(promoted[0][0]) > start_ms:
-        report.marks["retrained model serving"] = (int(promoted[0][0]) - start_ms) / 60_000
+    for label, version_sql in (
+        (
+            "batch model promoted (CLI)",
+            f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
+            f"AND action = 'promoted' AND ts >= {since} ORDER BY ts LIMIT 1",
+        ),
+        (
+            "retrained model promoted (loop)",
+            f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
+            f"AND action = 'promoted' AND ts >= {since} AND NOT startsWith(reason, 'demo:') "
+            "ORDER BY ts LIMIT 1",
+        ),
+    ):
+        _, found = worker.query(version_sql)
+        if not found:
+            continue
+        _, first = worker.query(f"""
+            SELECT toUnixTimestamp64Milli(min(ts)) FROM predictions
+            WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1
+            AND model_version = '{found[0][0]}'""")
+        if first and first[0][0] and int(first[0][0]) > start_ms:
+            report.marks[label] = (int(first[0][0]) - start_ms) / 60_000
 
 
 def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None:
@@ -333,7 +402,8 @@ def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None
     styles = {
         "concept drift injected": ("red", "--"),
         "drift detected": ("orange", ":"),
-        "retrained model serving": ("green", "-."),
+        "batch model promoted (CLI)": ("purple", "-."),
+        "retrained model promoted (loop)": ("green", "-."),
     }
     for label, minute in report.marks.items():
         color, style = styles.get(label, ("grey", ":"))

@@ -22,7 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from streamml.config import Settings
 from streamml.models.alerts import AlertBook, AlertTransition
 from streamml.schemas.control import ControlEvent
-from streamml.schemas.spec import AlertRule, PipelineSpec
+from streamml.schemas.operations import AlertRule
+from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
 from streamml.streams.kafka import bounded, close_quietly
 from streamml.streams.warehouse import QueryResult

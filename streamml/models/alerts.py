@@ -4,7 +4,7 @@ The caller measures each rule's metric over its window (``rule.window_s``) and p
 the value with the number of events behind it; :class:`AlertBook` answers with a
 transition only when a rule starts or stops firing.
 
->>> from streamml.schemas.spec import AlertRule
+>>> from streamml.schemas.operations import AlertRule
 >>> rule = AlertRule(name="acc", metric="accuracy", op="below", threshold=0.6, window_s=120)
 >>> book = AlertBook([rule])
 >>> book.update("acc", 0.52, n=340).message
@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from streamml.schemas.spec import AlertRule
+from streamml.schemas.operations import AlertRule
 
 
 @dataclass(frozen=True)

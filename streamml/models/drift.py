@@ -30,7 +30,8 @@ import numpy.typing as npt
 from river import drift as river_drift
 
 from streamml.errors import ConfigError
-from streamml.schemas.spec import ConceptDriftSpec, PipelineSpec
+from streamml.schemas.operations import ConceptDriftSpec
+from streamml.schemas.spec import PipelineSpec
 
 SCORE = "score"  # the column of a Reference that holds the served score
 FLOOR = 1e-4  # smallest fraction of a bin, so that PSI never takes log(0)

@@ -28,7 +28,8 @@ from streamml.models.training import (
     predict,
     prepare,
 )
-from streamml.schemas.spec import LOWER_IS_BETTER, PipelineSpec, PromotionSpec
+from streamml.schemas.operations import LOWER_IS_BETTER, PromotionSpec
+from streamml.schemas.spec import PipelineSpec
 
 # --- metrics -----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ most one retrain at a time; :func:`judge_challenger` decides a challenger's fate
 the labelled scores both models earned while serving side by side. Pure: the caller
 passes the clock (``now_s``, any monotonic seconds) and acts on the decisions.
 
->>> from streamml.schemas.spec import PromotionSpec
+>>> from streamml.schemas.operations import PromotionSpec
 >>> rule = PromotionSpec(metric="accuracy", min_delta=0.01, min_labeled_events=100)
 >>> judge_challenger(RoleScore("v1", "accuracy", 0.80, 500),
 ...                  RoleScore("v2", "accuracy", 0.85, 500), rule).action
@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass
 
 from streamml.errors import ModelError
-from streamml.schemas.spec import PipelineSpec, PromotionSpec
+from streamml.schemas.operations import PromotionSpec
+from streamml.schemas.spec import PipelineSpec
 
 
 @dataclass(frozen=True)

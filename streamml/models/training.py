@@ -24,7 +24,8 @@ from torch import nn
 
 from streamml.errors import TrainingError
 from streamml.models.online import coerce_label, positive_label
-from streamml.schemas.spec import BatchModelSpec, PipelineSpec, SplitSpec
+from streamml.schemas.operations import BatchModelSpec, SplitSpec
+from streamml.schemas.spec import PipelineSpec
 
 RESERVED = ("event_id", "ts", "label")
 MIN_ROWS = 50

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from streamml.models.alerts import AlertBook, breached
-from streamml.schemas.spec import AlertRule
+from streamml.schemas.operations import AlertRule
 
 ACCURACY = AlertRule(
     name="low_accuracy", metric="accuracy", op="below", threshold=0.6, window_s=120

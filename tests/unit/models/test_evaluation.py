@@ -24,7 +24,7 @@ from streamml.models.evaluation import (
     write_report,
 )
 from streamml.models.training import frame_from_rows, prepare, train
-from streamml.schemas.spec import PromotionSpec
+from streamml.schemas.operations import PromotionSpec
 from tests.unit.models.test_training import make_rows, make_spec
 
 PNG = b"\x89PNG\r\n\x1a\n"

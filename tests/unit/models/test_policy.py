@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from streamml.errors import ModelError
 from streamml.models.policy import RetrainPolicy, RoleScore, judge_challenger
-from streamml.schemas.spec import PipelineSpec, PromotionSpec, parse_spec
+from streamml.schemas.operations import PromotionSpec
+from streamml.schemas.spec import PipelineSpec, parse_spec
 
 
 def _spec(**retrain: Any) -> PipelineSpec:

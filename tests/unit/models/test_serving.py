@@ -14,7 +14,8 @@ from streamml.models.onnx_model import export_onnx
 from streamml.models.registry import ModelVersion, Registry
 from streamml.models.serving import ONLINE, Deployment, Slot, online_version, plan
 from streamml.models.training import TrainResult, frame_from_rows, train
-from streamml.schemas.spec import PipelineSpec, ServingSpec
+from streamml.schemas.operations import ServingSpec
+from streamml.schemas.spec import PipelineSpec
 from streamml.testing import temporary_registry
 from tests.unit.models.test_training import make_rows, make_spec
 

@@ -346,7 +346,7 @@ def test_demo_spec_declares_a_batch_challenger_in_shadow() -> None:
     )
     assert (batch.split.validation, batch.split.test) == (0.15, 0.15)
     assert batch.search is not None and batch.search.method == "random"
-    assert batch.search.trials == 3
+    assert batch.search.trials == 2
     assert batch.search.space.axes() == {
         "lr": [0.0003, 0.001, 0.003],
         "hidden": [[32, 16], [64, 32], [16]],
@@ -513,7 +513,7 @@ def test_demo_spec_declares_drift_monitors_retraining_and_alerts() -> None:
     )
     retrain = spec.retrain
     assert (retrain.on_drift, retrain.kinds, retrain.cooldown_s) == (True, ["concept"], 120)
-    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 300, None)
+    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 1500, None)
     rules = {r.name: (r.metric, r.op, r.threshold, r.window_s) for r in spec.alerts.rules}
     assert rules == {
         "low_accuracy": ("accuracy", "below", 0.6, 120),
