@@ -3,8 +3,9 @@
     ~/.cache/streamml/venv/bin/python bench/loop.py [--events 24000] [--rate 300]
 
 Starts its own broker and one worker (sink, trainer and alerts in it), streams the demo
-payments (concept drift at the halfway mark, labels 200 events late) at ``--rate`` and
-follows the audit trail. Prints, in seconds after the first post-drift event was sent:
+payments (concept drift at the halfway mark, labels 200 events late) at ``--rate``; as in
+the demo, a batch model trained on the first quarter is promoted before the drift. Then
+it follows the audit trail. Prints, in seconds after the first post-drift event was sent:
 drift detected, retrain requested, trained, shadow deployed, promoted (or archived).
 Baseline in the same run: training the same spec on the same rows outside the loop
 (``lifecycle.train_and_register`` on the worker's warehouse, not deployed); the ratio
@@ -62,16 +63,30 @@ def main() -> int:
                     if sent >= half and not onset:
                         onset.append(time.time())
 
+                examples = list(payments(args.events, seed=21, span_s=1200))
+                warmup = args.events // 4
+
                 def produce() -> None:
-                    examples = payments(args.events, seed=21, span_s=1200)
+                    # as the demo: a batch champion trained on the pre-drift start, then
+                    # the stream with the drift; the loop has to replace that champion
+                    asyncio.run(
+                        produce_examples(
+                            settings, spec, examples[:warmup], rate=args.rate, label_delay=200
+                        )
+                    )
+                    time.sleep(3)  # the sink writes the warm-up's last rows
+                    first = lifecycle.train_and_register(
+                        settings, spec, lifecycle.Window(), deploy=False, reason="bench champion"
+                    )
+                    lifecycle.promote(settings, spec, first.version.version, "bench champion")
                     asyncio.run(
                         produce_examples(
                             settings,
                             spec,
-                            examples,
+                            examples[warmup:],
                             rate=args.rate,
                             label_delay=200,
-                            progress=progress,
+                            progress=lambda n: progress(warmup + n),
                         )
                     )
 
@@ -80,9 +95,13 @@ def main() -> int:
                 seen: dict[str, float] = {}
                 deadline = time.monotonic() + args.events / args.rate + 120
                 while time.monotonic() < deadline and not ({"promoted", "archived"} & set(seen)):
+                    if not onset:
+                        time.sleep(0.5)
+                        continue
                     _, rows = worker.query(
                         "SELECT action, toUnixTimestamp64Milli(min(ts)) FROM audit_events FINAL "
-                        "WHERE pipeline = 'demo' GROUP BY action"
+                        "WHERE pipeline = 'demo' AND ts >= "
+                        f"fromUnixTimestamp64Milli({int(onset[0] * 1000)}) GROUP BY action"
                     )
                     seen = {str(a): int(t) / 1000 for a, t in rows if str(a) in STEPS}
                     time.sleep(0.5)

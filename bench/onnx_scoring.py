@@ -84,7 +84,7 @@ def main() -> int:
             path, result.feature_names, result.classes, spec.task, positive=spec.label.positive
         )
         vectors = [v for _, v in records]
-        X = np.stack([scorer.vectorize(v) for v in vectors]).astype(np.float32)
+        X = np.stack([scorer.vectorize(v) for v in vectors]).astype(scorer.dtype)
         session, name = scorer.session, scorer.session.get_inputs()[0].name
         n, b = len(vectors), args.batch
 

@@ -23,39 +23,23 @@ from streamml.streams.kafka import ensure_pipeline_topics
 from streamml.streams.producer import produce_examples
 from streamml.testing import free_port
 
-from .helpers import java_processes_under, run_cli, settings_env
+from .helpers import (
+    java_processes_under,
+    pipeline_dir,
+    run_cli,
+    settings_env,
+    worker_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pipeline_dir(tmp: Path, source: str, name: str) -> Path:
-    """A copy of a shipped spec under a new name, so its topics are this test's own."""
-    spec = yaml.safe_load((ROOT / "pipelines" / f"{source}.yaml").read_text())
-    spec["name"] = name
-    folder = tmp / "pipelines"
-    folder.mkdir(exist_ok=True)
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    return folder
-
-
-def _worker_settings(stack: Settings, tmp: Path, pipelines: Path, app_id: str) -> Settings:
-    return stack.model_copy(
-        update={
-            "state_dir": tmp / f"state-{app_id}",
-            "web_port": free_port(),
-            "app_id": app_id,
-            "pipelines_dir": pipelines,
-            "kafka_bootstrap": stack.bootstrap_servers,
-        }
-    )
 
 
 def _start(
     stack: Settings, tmp: Path, source: str, name: str, app_id: str
 ) -> tuple[Settings, PipelineSpec, WorkerProcess]:
     """A worker for a renamed copy of a shipped spec, its topics created, ready."""
-    pipelines = _pipeline_dir(tmp, source, name)
-    settings = _worker_settings(stack, tmp, pipelines, app_id)
+    pipelines = pipeline_dir(tmp, source, name)
+    settings = worker_settings(stack, tmp, pipelines, app_id)
     [spec] = load_pipelines(pipelines, [name])
     asyncio.run(ensure_pipeline_topics(settings, [spec]))
     worker = WorkerProcess(settings, [name], tmp / f"{app_id}.log")
@@ -106,8 +90,8 @@ def test_two_workers_split_partitions_and_lose_nothing(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
     name = "twoworkers"
-    pipelines = _pipeline_dir(tmp_path, "demo", name)
-    first = _worker_settings(stack_settings, tmp_path, pipelines, "grp2")
+    pipelines = pipeline_dir(tmp_path, "demo", name)
+    first = worker_settings(stack_settings, tmp_path, pipelines, "grp2")
     second = first.model_copy(update={"web_port": free_port(), "state_dir": tmp_path / "w2"})
     [spec] = load_pipelines(pipelines, [name])
     asyncio.run(ensure_pipeline_topics(first, [spec]))
@@ -263,7 +247,7 @@ def test_window_state_survives_a_sigkill(stack_settings: Settings, tmp_path: Pat
     folder = tmp_path / "pipelines"
     folder.mkdir()
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec_data))
-    settings = _worker_settings(stack_settings, tmp_path, folder, "grpwin")
+    settings = worker_settings(stack_settings, tmp_path, folder, "grpwin")
     [spec] = load_pipelines(folder, [name])
     asyncio.run(ensure_pipeline_topics(settings, [spec]))
     worker = WorkerProcess(settings, [name], tmp_path / "win.log")
