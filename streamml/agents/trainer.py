@@ -167,6 +167,9 @@ class Trainer:
             policy.started(now)
             self.pending[name] = _Pending(event, window, now)
             self.status[name] = f"waiting for labelled events ({event.reason})"
+        elif event.action == "challenger_set" and name not in self.watching:
+            # a challenger set by hand (or by another trainer before a restart) is judged too
+            self.watching[name] = (event.version, event.ts_ms)
         elif (
             event.action in ("promoted", "archived")
             and name in self.watching
@@ -232,8 +235,11 @@ class Trainer:
                 reason=f"{pending.request.reason} [{pending.request.event_id}]",
                 query=self.query,
             )
-        except StreamMLError as exc:
-            log.error("%s: retraining failed: %s", name, exc)
+        except Exception as exc:  # whatever failed, the next request must be able to run
+            if isinstance(exc, StreamMLError):
+                log.error("%s: retraining failed: %s", name, exc)
+            else:
+                log.exception("%s: retraining failed unexpectedly: %s", name, exc)
             self.status[name] = f"retraining failed: {exc}"
             policy.finished(time.monotonic(), None)
             return

@@ -9,8 +9,11 @@ One worker serves three copies of the demo pipeline for the whole module:
   keep serving every event exactly once across the hot swap, and fire the dead-letter
   alert (ClickHouse ``alerts``, the audit trail and the spec's webhook).
 * ``steady``: the same stream without a change point: no concept drift, no retrain.
-* ``judged``: a challenger trained on flipped labels, deployed as a shadow before the
-  worker (re)started, so its trainer watches it: it must be archived, never promoted.
+* ``judged`` (no retraining on drift): a challenger trained on flipped labels, deployed
+  as a shadow before the worker (re)started so that its trainer watches it, must be
+  archived, never promoted; brought back as champion by hand, it must lose to a model
+  retrained on request, promoted under load; and a retrain failing on the reports disk
+  must not keep the trainer from serving the next request.
 
 The tests run in file order; the streams start in the fixture and run in the background
 while the first tests wait for what they need.
@@ -31,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiokafka.partitioner import murmur2
 
@@ -54,11 +58,11 @@ LOOP, STEADY, JUDGED = "loop", "steady", "judged"
 N, RATE, LABEL_DELAY, BAD_EVERY = 12_000, 400, 100, 20
 CHANGE = N // 2  # payments(drift_at=0.5): events from this index on follow the new rule
 PARTITIONS = 6  # the demo spec's
-# Measured on this machine (see the module's report): the first partition to notice the
-# change did so 200-600 events (~30-100 labels of that partition) after it; 1,500 events
-# (~250 labels per partition) leaves a wide margin and is still "soon" on a 6,000-event half.
-DELAY_BOUND_EVENTS = 1_500
-MIN_LABELED, RETRAIN_MIN_EVENTS = 200, 300
+# Measured here: the first detection came 193 events after the change (39 labels of its
+# partition); each partition's first detection 39-80 of its labels (193-581 events) after
+# it. The bounds leave a margin of ~5x and ~3x.
+DELAY_BOUND_EVENTS, PARTITION_BOUND_LABELS = 1_000, 250
+MIN_LABELED, RETRAIN_MIN_EVENTS = 200, 1500
 FIRES, FLOODS = "dead_letters_high", "dead_letters_flood"  # must fire / must not
 
 
@@ -67,7 +71,10 @@ FIRES, FLOODS = "dead_letters_high", "dead_letters_flood"  # must fire / must no
 
 def _quick(spec: dict[str, Any]) -> None:
     """One short training run instead of a search; a retrain per drift episode (long
-    cooldown); promotion judged on a few hundred labels; no alert rules."""
+    cooldown) on at least 1,500 labelled events after the drift point, as the demo waits
+    for (with 300, the model retrained on ~600 rows scored ROC AUC 0.63 against the
+    adapted online model's 0.72: no contest); promotion judged on a few hundred labels;
+    no alert rules."""
     batch = spec["batch_model"]
     batch.pop("search", None)
     batch.update(epochs=15, cv_folds=2, early_stopping_patience=4)
@@ -156,6 +163,7 @@ class Lab:
     streams: list[Stream] = dataclasses.field(default_factory=list)
     flipped: str = ""  # the planted worse challenger of JUDGED
     outcome: dict[str, Any] | None = None  # the loop's retrain, once resolved
+    outcome_failed: str = ""
 
     # streams
     def stream(
@@ -221,9 +229,16 @@ class Lab:
         stats = self.worker.get("/stats")
         return {**stats["pipelines"][pipeline], "trainer": stats["trainer"].get(pipeline)}
 
-    def feed_until(self, pipeline: str, resolved: Callable[[], bool], timeout_s: float) -> None:
+    def feed_until(
+        self,
+        pipeline: str,
+        resolved: Callable[[], bool],
+        timeout_s: float,
+        drift_at: float = 0.0,
+    ) -> None:
         """Wait for ``resolved``; while a challenger of ``pipeline`` awaits labels and no
-        stream is running, stream more (post-drift, so the same concept) labelled events."""
+        stream is running, stream more labelled events (of the concept ``drift_at`` gives:
+        0.0 the changed fraud rule throughout, 1.0 the original one)."""
         deadline = time.monotonic() + timeout_s
         while not resolved():
             if time.monotonic() > deadline:
@@ -235,7 +250,7 @@ class Lab:
                 s.thread is None or not s.thread.is_alive() for s in self.streams_of(pipeline)
             )
             if idle and self.registry.challengers(pipeline):
-                self.stream(pipeline, 1200, drift_at=0.0, wait=True)
+                self.stream(pipeline, 1200, drift_at=drift_at, wait=True)
             time.sleep(1)
 
 
@@ -261,11 +276,11 @@ def lab(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> I
         specs = {s.name: s for s in load_pipelines(pipelines, [LOOP, STEADY, JUDGED])}
         asyncio.run(ensure_pipeline_topics(settings, list(specs.values())))
         worker = WorkerProcess(settings, list(specs), tmp / "worker.log")
-        worker.start(timeout_s=180)
         lab = Lab(
             settings, specs, worker, Registry(settings.registry_path), hook, itertools.count(41)
         )
         try:
+            worker.start(timeout_s=180)
             _plant_a_worse_challenger(lab, tmp)
             worker.stop()  # the trainer judges the challengers it finds when it starts
             worker.start(timeout_s=180)
@@ -326,6 +341,8 @@ def _plant_a_worse_challenger(lab: Lab, tmp: Path) -> None:
 def _loop_outcome(lab: Lab) -> dict[str, Any]:
     """The loop's one retrain, after the trainer has settled it (streaming more labelled
     post-drift events while its challenger awaits a verdict)."""
+    if lab.outcome_failed:  # one wait for it per module, not one per test
+        raise AssertionError(f"the loop's retrain did not settle: {lab.outcome_failed}")
     if lab.outcome is None:
         lab.streams_of(LOOP)[0].join()
 
@@ -333,7 +350,11 @@ def _loop_outcome(lab: Lab) -> dict[str, Any]:
             versions = lab.registry.list(LOOP)
             return bool(versions) and versions[0].stage in ("champion", "archived")
 
-        lab.feed_until(LOOP, settled, timeout_s=360)
+        try:
+            lab.feed_until(LOOP, settled, timeout_s=360)
+        except AssertionError as exc:
+            lab.outcome_failed = str(exc)[:2000]
+            raise
         [entry, *more] = lab.registry.list(LOOP)
         assert not more, f"more than one retrain: {[v.version for v in lab.registry.list(LOOP)]}"
         lab.outcome = {"version": entry.version, "stage": entry.stage}
@@ -359,30 +380,37 @@ def test_concept_drift_is_detected_soon_after_the_change_point(
     main = lab.streams_of(LOOP)[0]
     _wait_rows(lambda: lab.drifts(LOOP), "a concept drift_events row of loop", timeout_s=240)
     main.join()
-    time.sleep(3)  # the rest of the partitions' detections of the change
+    wait_until(  # every label of the stream has reached its partition's drift monitor
+        lambda: lab.stats(LOOP)["counters"].get("learned", 0) >= main.good,
+        f"the worker to learn the {main.good} labels of loop",
+        timeout_s=240,
+    )
+    time.sleep(3)  # and the last detections are in drift_events
     end_ms = main.start_ms + main.n * main.step_ms
     found = [d for d in lab.drifts(LOOP) if main.start_ms <= d["details"]["event_ts_ms"] < end_ms]
+    assert found, "no concept drift detected on the stream"
     indexes = [main.index(d["details"]["event_ts_ms"]) for d in found]
-    assert found, "no concept drift detected on the main stream"
 
-    # delay of each detection in events of the stream, and in labels of its partition
+    # the delay of each detection in events of the stream, and in labels of its partition
     keys = [e.key for e in main.examples()]
     good = [isinstance(e.record, dict) for e in main.examples()]
-    report = []
+    report: list[str] = []
+    labels_late: dict[int, int] = {}
     for d, i in zip(found, indexes, strict=True):
         p = d["details"]["partition"]
         labels = sum(1 for j in range(CHANGE, i + 1) if good[j] and _partition(keys[j]) == p)
+        labels_late.setdefault(p, labels)
         report.append(f"p{p}: {i - CHANGE:+d} events ({labels} labels of p{p})")
     print(f"\nconcept drift detections on loop, change point at event {CHANGE}: {report}")
     record_property("detections", report)
 
-    first = indexes[0]  # the first the worker reported
-    assert first >= CHANGE, f"a false alarm before the change point: {report}"
-    delay = first - CHANGE
+    assert min(indexes) >= CHANGE, f"a false alarm before the change point: {report}"
+    delay = indexes[0] - CHANGE  # of the first detection the worker reported
     record_property("first_detection_delay_events", delay)
     assert delay <= DELAY_BOUND_EVENTS, report
-    # every detection on the stream is of the change (none before it)
-    assert min(indexes) >= CHANGE, report
+    # each partition that saw it (several did), soon in its own labels (unit tests: 24-120)
+    assert len(labels_late) >= 3, report
+    assert max(labels_late.values()) <= PARTITION_BOUND_LABELS, report
     assert lab.stats(LOOP)["counters"]["drift.concept"] >= len(found)
 
 
@@ -442,22 +470,61 @@ def _verdict(reason: str) -> dict[str, Any]:
     }
 
 
-def _judged_scores(
+def _roc_auc(scores: list[float], truths: list[bool]) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half), computed here rather than
+    by ClickHouse."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(truths, dtype=bool)
+    order = np.argsort(s, kind="mergesort")
+    _, inverse, counts = np.unique(s[order], return_inverse=True, return_counts=True)
+    ranks = np.empty(len(s))
+    ranks[order] = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+    pos = int(y.sum())
+    neg = len(y) - pos
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def _same_events_auc(
     lab: Lab, pipeline: str, challenger: str, champion: str, since_ms: int, until_ms: int
-) -> tuple[float, float]:
-    """promotion.metric of each model, n-weighted over metrics FINAL for the minutes the
-    trainer judged (from the challenger's deployment to its verdict)."""
+) -> tuple[float, float, int]:
+    """ROC AUC of the challenger and of the champion's served answers on the labelled
+    events both scored between the challenger's deployment and the verdict."""
+    rows = lab.rows(
+        "SELECT p.event_id AS event_id, p.model_version AS version, p.score AS score, "
+        "l.label AS label FROM (SELECT event_id, model_version, any(score) AS score "
+        f"FROM predictions WHERE pipeline = '{pipeline}' "
+        f"AND inserted_at >= fromUnixTimestamp64Milli({since_ms}) "
+        f"AND inserted_at <= fromUnixTimestamp64Milli({until_ms}) "
+        f"AND ((model_version = '{champion}' AND role = 'champion') "
+        f"OR model_version = '{challenger}') GROUP BY event_id, model_version) AS p "
+        "INNER JOIN (SELECT event_id, argMax(label, inserted_at) AS label FROM labels "
+        f"WHERE pipeline = '{pipeline}' GROUP BY event_id) AS l ON p.event_id = l.event_id"
+    )
+    by: dict[str, dict[str, tuple[float, bool]]] = {challenger: {}, champion: {}}
+    for r in rows:
+        by[r["version"]][r["event_id"]] = (float(r["score"]), r["label"] == "True")
+    both = sorted(set(by[challenger]) & set(by[champion]))
+    aucs = [
+        _roc_auc([by[v][e][0] for e in both], [by[v][e][1] for e in both])
+        for v in (challenger, champion)
+    ]
+    return aucs[0], aucs[1], len(both)
+
+
+def _minute_metrics(
+    lab: Lab, pipeline: str, challenger: str, champion: str, since_ms: int, until_ms: int
+) -> dict[str, float]:
+    """promotion.metric per model, n-weighted over metrics FINAL for those minutes (what a
+    dashboard shows; per partition and minute, so not on exactly the same events)."""
     metric = lab.specs[pipeline].promotion.metric
     rows = lab.rows(
-        "SELECT model_version, sum(value * n) / sum(n) AS v, sum(n) AS n FROM metrics FINAL "
+        "SELECT model_version, sum(value * n) / sum(n) AS v FROM metrics FINAL "
         f"WHERE pipeline = '{pipeline}' AND metric = '{metric}' "
         f"AND window_start >= toStartOfMinute(fromUnixTimestamp64Milli({since_ms})) "
         f"AND window_start <= toStartOfMinute(fromUnixTimestamp64Milli({until_ms})) "
         f"AND ((model_version = '{champion}' AND role = 'champion') "
         f"OR model_version = '{challenger}') GROUP BY model_version"
     )
-    by = {r["model_version"]: float(r["v"]) for r in rows}
-    return by[challenger], by[champion]
+    return {str(r["model_version"]): round(float(r["v"]), 4) for r in rows}
 
 
 @pytest.mark.timeout(600)
@@ -465,6 +532,7 @@ def test_the_loop_never_promotes_a_worse_challenger(lab: Lab) -> None:
     outcome = _loop_outcome(lab)
     version, spec = outcome["version"], lab.specs[LOOP]
     rule = spec.promotion
+    assert rule.metric == "roc_auc"  # recomputed below
     promoted = lab.audit(LOOP, "promoted")
     if outcome["stage"] == "champion":
         [row] = _wait_rows(lambda: lab.audit(LOOP, "promoted"), "the promoted row")
@@ -475,11 +543,14 @@ def test_the_loop_never_promotes_a_worse_challenger(lab: Lab) -> None:
         # ... and what the warehouse says for the minutes it judged
         [shadowed] = lab.audit(LOOP, "challenger_set")
         champion = row["previous"] or online_version(spec)
-        chall, champ = _judged_scores(lab, LOOP, version, champion, shadowed["ts_ms"], row["ts_ms"])
+        window = (shadowed["ts_ms"], row["ts_ms"])
+        chall, champ, n = _same_events_auc(lab, LOOP, version, champion, *window)
+        minutes = _minute_metrics(lab, LOOP, version, champion, *window)
         print(
-            f"\nloop: {version} promoted: {rule.metric} {chall:.4f} vs {champ:.4f} "
-            f"({row['reason']})"
+            f"\nloop: {version} promoted ({row['reason']}); recomputed on the same {n} "
+            f"labelled events: roc_auc {chall:.4f} vs {champ:.4f}; metrics FINAL {minutes}"
         )
+        assert n >= rule.min_labeled_events
         assert chall - champ > rule.min_delta, (chall, champ, row["reason"])
     else:
         assert promoted == []
@@ -525,24 +596,31 @@ def test_a_clearly_worse_challenger_is_archived_and_never_promoted(lab: Lab) -> 
 
 @pytest.mark.timeout(400)
 def test_every_event_is_accounted_for_through_the_loop(lab: Lab) -> None:
-    _loop_outcome(lab)
-    streams = [s.join() for s in lab.streams_of(LOOP)]
+    outcome = _loop_outcome(lab)
+    by_version = _accounted(lab, LOOP)
+    if outcome["stage"] == "champion":  # the hot swap happened while events streamed
+        assert set(by_version) == {online_version(lab.specs[LOOP]), outcome["version"]}
+
+
+def _accounted(lab: Lab, pipeline: str) -> dict[str, int]:
+    """Check that every good event of the pipeline's streams was served exactly once and
+    every bad one is a dead letter; return the served events per model version."""
+    streams = [s.join() for s in lab.streams_of(pipeline)]
     good, bad = sum(s.good for s in streams), sum(s.bad for s in streams)
-    served = f"FROM predictions FINAL WHERE pipeline = '{LOOP}' AND served = 1"
+    served = f"FROM predictions FINAL WHERE pipeline = '{pipeline}' AND served = 1"
     wait_for(lab.worker, f"SELECT count() {served}", good, timeout_s=240)
-    dead = f"SELECT count() FROM dead_letters FINAL WHERE pipeline = '{LOOP}'"
+    dead = f"SELECT count() FROM dead_letters FINAL WHERE pipeline = '{pipeline}'"
     wait_for(lab.worker, dead, bad, timeout_s=120)
     time.sleep(2)  # anything extra would show by now
     [row] = lab.rows(f"SELECT count() AS n, uniqExact(event_id) AS events {served}")
     assert (row["n"], row["events"]) == (good, good), "an event lost or served twice"
     assert scalar(lab.worker, dead) == bad
-    by_version = dict(
-        (r["model_version"], r["n"])
+    by_version = {
+        str(r["model_version"]): int(r["n"])
         for r in lab.rows(f"SELECT model_version, count() AS n {served} GROUP BY model_version")
-    )
-    print(f"\nloop: {good} events served by {by_version}, {bad} dead letters")
-    if lab.outcome and lab.outcome["stage"] == "champion":  # the hot swap happened mid-stream
-        assert set(by_version) == {online_version(lab.specs[LOOP]), lab.outcome["version"]}
+    }
+    print(f"\n{pipeline}: {good} events served by {by_version}, {bad} dead letters")
+    return by_version
 
 
 # --- 5. a stationary stream ------------------------------------------------------------
@@ -605,3 +683,101 @@ def test_a_breached_alert_rule_fires_to_the_table_the_audit_trail_and_the_webhoo
     assert body["details"]["rule"] == FIRES and body["details"]["state"] == "firing"
     assert set(lab.hook.paths) == {"/hook"}
     assert all(b["details"]["rule"] != FLOODS for b in lab.hook.bodies)
+
+
+@pytest.mark.timeout(500)
+def test_a_clearly_better_challenger_is_promoted_while_events_stream(lab: Lab) -> None:
+    """The flipped-label model is brought back as JUDGED's champion (an operator's mistake);
+    a retrain on the true labels shadows it and the trainer promotes the retrained model
+    over it, under load: every event is still served exactly once across both swaps."""
+    spec, bad_model = lab.specs[JUDGED], lab.flipped
+    assert lab.registry.get(JUDGED, bad_model).stage == "archived"
+    lifecycle.promote(lab.settings, spec, bad_model, reason="test: the flipped model serves")
+    wait_until(
+        lambda: lab.stats(JUDGED)["deployment"]["champion"]["version"] == bad_model,
+        f"the worker to serve {bad_model}",
+    )
+    known = {v.version for v in lab.registry.list(JUDGED)}
+    lifecycle.request_retrain(lab.settings, spec, reason="test: replace the bad champion")
+
+    def retrained() -> Any:
+        new = [v for v in lab.registry.list(JUDGED) if v.version not in known]
+        return new[0] if new and new[0].stage != "registered" else None
+
+    version = wait_until(retrained, "the retrained model to be deployed", timeout_s=180).version
+    assert lab.registry.get(JUDGED, version).stage == "challenger"
+    load = lab.stream(JUDGED, 4000, drift_at=1.0)  # 10 s of traffic, across the verdict
+    lab.feed_until(
+        JUDGED, lambda: lab.registry.get(JUDGED, version).stage != "challenger", 240, 1.0
+    )
+    assert lab.registry.get(JUDGED, version).stage == "champion"
+    wait_until(
+        lambda: lab.stats(JUDGED)["deployment"]["champion"]["version"] == version,
+        f"the worker to serve {version}",
+    )
+
+    rule = spec.promotion
+    [row] = _wait_rows(lambda: lab.audit(JUDGED, "promoted")[1:], "the trainer's promoted row")
+    assert row["version"] == version and row["previous"] == bad_model
+    said = _verdict(row["reason"])
+    assert said["versions"] == (version, bad_model)
+    assert said["challenger"] - said["champion"] > rule.min_delta
+    assert min(said["n"]) >= rule.min_labeled_events
+    [shadowed] = [r for r in lab.audit(JUDGED, "challenger_set") if r["version"] == version]
+    window = (shadowed["ts_ms"], row["ts_ms"])
+    chall, champ, n = _same_events_auc(lab, JUDGED, version, bad_model, *window)
+    print(
+        f"\njudged: {version} promoted over {bad_model} ({row['reason']}); recomputed on the "
+        f"same {n} labelled events: roc_auc {chall:.4f} vs {champ:.4f}"
+    )
+    assert n >= rule.min_labeled_events and chall - champ > rule.min_delta
+
+    load.join()
+    by_version = _accounted(lab, JUDGED)
+    assert by_version.keys() == {online_version(spec), bad_model, version}
+
+
+# --- 7. a failed retrain ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_a_retrain_that_fails_unexpectedly_does_not_wedge_the_trainer(lab: Lab) -> None:
+    """A retrain can fail with an error from outside streamml's error tree -- here the
+    reports disk: the new version's report folder is taken by a file, so writing the
+    evaluation report raises FileExistsError. The trainer logs "will retry"; once the disk
+    is fixed, a new retrain request must be served."""
+    spec = lab.specs[JUDGED]
+    assert not lab.registry.challengers(JUDGED)  # the earlier challengers are settled
+    before = len(lab.registry.list(JUDGED))
+    upcoming = max(int(v.version[1:]) for v in lab.registry.list(JUDGED)) + 1
+    blocker = lab.settings.reports_path / JUDGED / f"v{upcoming}"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")
+
+    def log() -> str:
+        return lab.worker.log_file.read_text("utf-8", errors="replace")
+
+    try:
+        lifecycle.request_retrain(lab.settings, spec, reason="test: the reports disk fails")
+        wait_until(
+            lambda: f"File exists: '{blocker}'" in log(),
+            "the retrain to fail on its report",
+            timeout_s=180,
+        )
+    finally:
+        blocker.unlink()
+    failed_at = len(lab.registry.list(JUDGED))
+    assert failed_at == before + 1  # it had registered the model before the report failed
+
+    lifecycle.request_retrain(lab.settings, spec, reason="test: the reports disk is fixed")
+    try:
+        wait_until(
+            lambda: len(lab.registry.list(JUDGED)) > failed_at,
+            "a retrain after the failed one",
+            timeout_s=90,  # training this pipeline takes ~5 s
+        )
+    except AssertionError as exc:
+        refusals = [line for line in log().splitlines() if "not started" in line]
+        raise AssertionError(
+            f"{exc}; trainer status: {lab.stats(JUDGED)['trainer']!r}; {refusals[-3:]}"
+        ) from None
