@@ -227,7 +227,13 @@ def main() -> int:
             folder.mkdir()
             (folder / "benchpipe.yaml").write_text(yaml.safe_dump(spec_data))
             settings = settings.model_copy(
-                update={"pipelines_dir": folder, "kafka_bootstrap": settings.bootstrap_servers}
+                update={
+                    "pipelines_dir": folder,
+                    "kafka_bootstrap": settings.bootstrap_servers,
+                    # the data plane alone: a drift-triggered retrain inside the worker
+                    # (bench/loop.py measures that) would share its cores mid-run
+                    "trainer_enabled": False,
+                }
             )
             [spec] = load_pipelines(folder, ["benchpipe"])
             asyncio.run(ensure_pipeline_topics(settings, [spec]))
