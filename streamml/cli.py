@@ -416,6 +416,13 @@ def _print_demo(report: Any) -> None:
     console.print(dlq)
     if report.png:
         console.print(f"accuracy over time saved to [bold]{report.png}[/]")
+    if report.state_dir:
+        console.print(
+            f"the demo's stack (broker data, ClickHouse, registry, reports) is in "
+            f"{report.state_dir}; query it with STREAMML_STATE_DIR={report.state_dir} "
+            'streamml query "..." (it is replaced by the next demo run)',
+            highlight=False,
+        )
     for line in report.stopped:
         console.print(f"[dim]{line}[/]")
     if report.left_running:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +70,7 @@ class DemoReport:
     roles: list[list[Any]] = field(default_factory=list)
     cli: list[tuple[str, str]] = field(default_factory=list)  # (command, output)
     marks: dict[str, float] = field(default_factory=dict)  # label -> event-time minute
+    state_dir: Path | None = None  # the demo's own stack: broker data, chDB, registry
 
 
 def run_demo(
@@ -82,10 +84,13 @@ def run_demo(
     [spec] = load_pipelines(settings.pipelines_dir, [PIPELINE])
     bad = events // BAD_EVERY
     report = DemoReport(events, events - bad, bad)
+    home = settings.state_dir / "demo"
+    settings = _fresh_stack(settings, home, say)
+    report.state_dir = settings.state_dir
     broker = LocalBroker(settings, progress=say)
     was_running = broker.status().state in ("running", "external")
     broker.up()
-    worker = WorkerProcess(settings, [PIPELINE], settings.state_dir / "demo" / "worker.log")
+    worker = WorkerProcess(settings, [PIPELINE], home / "worker.log")
     started = time.monotonic()
     try:
         asyncio.run(ensure_pipeline_topics(settings, [spec]))
@@ -142,7 +147,7 @@ def run_demo(
         _lifecycle_from_cli(settings, worker, report, say)
         report.seconds = time.monotonic() - started
         _analytics(worker, report, run_start)
-        report.png = _plot(report, settings.state_dir / "demo" / "accuracy.png", run_start)
+        report.png = _plot(report, home / "accuracy.png", run_start)
     finally:
         report.stopped.append(worker.stop())
         if not was_running and not keep_broker:
@@ -150,6 +155,22 @@ def run_demo(
         elif broker.status().state == "running":
             report.left_running.append(f"Kafka broker at {broker.bootstrap}")
     return report
+
+
+def _fresh_stack(settings: Settings, home: Path, say: Callable[[str], None]) -> Settings:
+    """The demo runs on a stack of its own, new each run (``<state_dir>/demo/stack``): a
+    model, a registry or consumer offsets left by an earlier run would change the story."""
+    update: dict[str, Any] = {"state_dir": home / "stack"}
+    if settings.uses_local_broker and LocalBroker(settings).status().state == "running":
+        update["kafka_bootstrap"] = settings.bootstrap_servers  # use the broker already up
+    stack = settings.model_copy(update=update)
+    if stack.state_dir.exists():
+        previous = LocalBroker(stack)
+        if previous.status().state == "running":
+            say(previous.down())
+        shutil.rmtree(stack.state_dir)
+    stack.state_dir.mkdir(parents=True)
+    return stack
 
 
 def _settle(worker: WorkerProcess, say: Callable[[str], None], timeout_s: float = 45.0) -> None:
