@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -402,13 +401,6 @@ def set_challenger(
     entry = registry.set_challenger(spec.name, version, mode, share, reason=reason)
     asyncio.run(control.publish(settings, _event(spec, "challenger_set", entry, reason=reason)))
     return entry
-
-
-def copy_report(outcome: Outcome, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in outcome.report_dir.iterdir():
-        shutil.copy2(item, dest / item.name)
-    return dest
 
 
 def request_retrain(settings: Settings, spec: PipelineSpec, reason: str) -> ControlEvent:
