@@ -222,6 +222,16 @@ class Settings(BaseSettings):
             "answers as soon as data arrives, so this costs no latency (lower = busier idle)."
         ),
     )
+    order_max_wait_ms: int = Field(
+        default=1_000,
+        ge=0,
+        le=60_000,
+        description=(
+            "STREAMML_ORDER_MAX_WAIT_MS: a fetched raw record or label waits for the other "
+            "topic of its partition to catch up to its timestamp (so records and labels are "
+            "applied in produced order) at most this long, then is applied anyway."
+        ),
+    )
     commit_interval_ms: int = Field(
         default=200,
         ge=0,

@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -33,8 +34,15 @@ from opentelemetry import trace
 from streamml import telemetry
 from streamml.agents.ingest import ingest
 from streamml.agents.learn import emit_metrics, housekeeping, on_label, snapshot
-from streamml.agents.runtime import MODEL, STATS, WINDOW, PartitionState, PipelineRuntime
-from streamml.agents.score import Scored, score_batch
+from streamml.agents.runtime import (
+    MODEL,
+    STATS,
+    WINDOW,
+    Held,
+    PartitionState,
+    PipelineRuntime,
+)
+from streamml.agents.score import Scored, batch_outputs, serve
 from streamml.config import Settings
 from streamml.errors import StreamMLError
 from streamml.models import serving
@@ -46,12 +54,24 @@ from streamml.streams import control
 from streamml.streams.changelog import read_latest
 from streamml.streams.kafka import bounded, close_quietly
 from streamml.streams.outbox import Headers, Outbox
+from streamml.streams.producer import SEQ_HEADER
 from streamml.streams.topics import CONTROL_TOPIC, dumps
 
 log = logging.getLogger("streamml.engine")
 
 HOUSEKEEPING_EVERY_S = 1.0
 SLOW_BATCH_S = 0.1  # a batch taking longer is logged with where the time went
+
+
+def _order_key(message: ConsumerRecord[Any, Any], is_label: bool) -> tuple[int, int, int, int]:
+    """Produced order: timestamp, the producer's sequence header, raw before label, offset."""
+    seq = 0
+    for key, value in message.headers or ():
+        if key == SEQ_HEADER:
+            with suppress(ValueError):
+                seq = int(value)
+            break
+    return (message.timestamp, seq, 1 if is_label else 0, message.offset)
 
 
 def _traceparent_id(headers: Iterable[tuple[str, bytes]]) -> str:
@@ -74,6 +94,7 @@ class PipelineEngine:
         self._uncommitted: dict[TopicPartition, int] = {}
         self._committed_at = time.monotonic()
         self._housekept_at = time.monotonic()
+        self._seen_ts: dict[TopicPartition, int] = {}  # newest record timestamp fetched
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.registry = Registry(settings.registry_path)
@@ -126,7 +147,7 @@ class PipelineEngine:
                     if self._reload is not None:  # between batches: no event scored twice
                         event, self._reload = self._reload, None
                         await self._apply_deployment(event)
-                    if batch:
+                    if batch or any(st.held for st in self.rt.states.values()):
                         await self._process(batch)
                     if time.monotonic() - self._housekept_at >= HOUSEKEEPING_EVERY_S:
                         await self._housekeeping(self.rt.states.values())
@@ -190,31 +211,52 @@ class PipelineEngine:
 
     # --- the batch ---------------------------------------------------------------
     async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        """Apply what is ready of each partition, in produced order, and send the outputs.
+
+        A partition's raw records and labels come from two topics; they are merged into
+        the order they were produced (:class:`Held`: timestamp, producer sequence, raw
+        before label, offset). A record is applied once the other topic has been read up
+        to its timestamp (or is read to its end); until then it is held, at most
+        ``order_max_wait_ms``. So a label produced between two events is learned between
+        them, whatever batches the fetches happened to make."""
         t_start = time.perf_counter()
         rt = self.rt
         assert self._consumer is not None and self._producer is not None
+        consumer = self._consumer
         tel = rt.telemetry
         raw_topic = rt.topics["raw"]
-        assigned = self._consumer.assignment()
+        assigned = consumer.assignment()
         out = Outbox(self._producer)
         outcomes: Counter[tuple[str, str]] = Counter()
         spent = {"ingest": 0.0, "score": 0.0, "learn": 0.0}
-        done: dict[TopicPartition, int] = {}
-        touched: list[PartitionState] = []
-        # raw before labels, so a label in the same batch as its event finds its features
-        for tp, records in sorted(batch.items(), key=lambda kv: kv[0].topic != raw_topic):
+        now = time.monotonic()
+        for tp, records in batch.items():
             if tp not in assigned or not records:
                 continue  # revoked while fetched: its new owner reads it again
             state = rt.states[tp.partition]
+            is_label = tp.topic != raw_topic
+            for message in records:
+                state.held.append(Held(_order_key(message, is_label), is_label, message, now))
+            self._seen_ts[tp] = max(self._seen_ts.get(tp, 0), records[-1].timestamp)
+        touched: list[PartitionState] = []
+        done: dict[TopicPartition, int] = {}
+        for p, state in list(rt.states.items()):
+            if not state.held:
+                continue
+            ready = await self._release(state)
+            if not ready:
+                continue
             touched.append(state)
-            if tp.topic == raw_topic:
-                self._raw(state, records, out, outcomes, spent)
-            else:
-                t0 = time.perf_counter()
-                for message in records:
-                    outcomes["learn", on_label(rt, state, message, self.deployment, out)] += 1
-                spent["learn"] += time.perf_counter() - t0
-            done[tp] = records[-1].offset + 1
+            self._apply(state, ready, out, outcomes, spent)
+            for topic in (raw_topic, rt.topics["labels"]):
+                tp = TopicPartition(topic, p)
+                applied = [h.message.offset for h in ready if h.message.topic == topic]
+                if not applied:
+                    continue
+                waiting = [h.message.offset for h in state.held if h.message.topic == topic]
+                done[tp] = min(waiting) if waiting else max(applied) + 1
+        if not touched:
+            return
         self._log_state(touched, out)
         self._report_drift(touched, out)
         t_flush = time.perf_counter()
@@ -237,21 +279,52 @@ class PipelineEngine:
             if n:
                 tel.observe(rt.name, step, seconds * 1000 / n)
 
-    def _raw(
+    async def _release(self, state: PartitionState) -> list[Held]:
+        """The held records of a partition that may be applied now, in produced order."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        bound = None
+        for topic in (self.rt.topics["raw"], self.rt.topics["labels"]):
+            tp = TopicPartition(topic, state.partition)
+            highwater = consumer.highwater(tp)
+            if highwater is not None and await consumer.position(tp) >= highwater:
+                # read to its end: anything it gets later is produced after its last fetch
+                reached = consumer.last_poll_timestamp(tp)
+            else:
+                reached = self._seen_ts.get(tp, -1)
+            bound = reached if bound is None else min(bound, reached)
+        state.held.sort()
+        oldest = time.monotonic() - self.settings.order_max_wait_ms / 1000
+        n = 0
+        for held in state.held:
+            if held.key[0] > (bound if bound is not None else -1) and held.fetched_at > oldest:
+                break
+            n += 1
+        if n < len(state.held) and n:
+            self.rt.counters["records_held"] += len(state.held) - n
+        ready, state.held = state.held[:n], state.held[n:]
+        return ready
+
+    def _apply(
         self,
         state: PartitionState,
-        records: list[ConsumerRecord[bytes, bytes]],
+        ready: list[Held],
         out: Outbox,
         outcomes: Counter[tuple[str, str]],
         spent: dict[str, float],
     ) -> None:
-        """validate + featurize each record, then score the partition's batch at once."""
+        """validate + featurize the raw records, score them with the batch models in one
+        call each, then walk the records in order: each event is predicted by the online
+        model and served, each label learned, so labels affect only later events."""
         rt = self.rt
         tel = rt.telemetry
         t0 = time.perf_counter()
-        items: list[Scored] = []
+        items: dict[int, Scored] = {}
         links: list[trace.Link] = []
-        for message in records:
+        for i, held in enumerate(ready):
+            if held.is_label:
+                continue
+            message = held.message
             incoming: Headers = message.headers or ()
             if tel.enabled:  # a span per event, continuing the producer's trace
                 with tel.tracer.start_as_current_span(
@@ -269,16 +342,30 @@ class PipelineEngine:
                 outcomes["ingest", "dead_letter"] += 1
             else:
                 outcomes["ingest", "ok"] += 1
-                items.append(Scored(message, *result, headers, trace_id))
+                items[i] = Scored(message, *result, headers, trace_id)
         t1 = time.perf_counter()
-        if tel.enabled:  # one span for the batch, linked to each event's trace
-            with tel.tracer.start_as_current_span(f"{rt.name}.score", links=links):
-                score_batch(rt, state, items, self.deployment, out)
-        else:
-            score_batch(rt, state, items, self.deployment, out)
         spent["ingest"] += t1 - t0
-        spent["score"] += time.perf_counter() - t1
-        outcomes["score", "ok"] += len(items)
+        scored = list(items.values())
+        index = {i: n for n, i in enumerate(items)}
+        deployment = self.deployment
+        scoring: AbstractContextManager[Any] = (
+            tel.tracer.start_as_current_span(f"{rt.name}.score", links=links)
+            if tel.enabled
+            else nullcontext()
+        )
+        with scoring:
+            batch = batch_outputs(deployment, scored)
+            t_learn = 0.0
+            for i, held in enumerate(ready):
+                if held.is_label:
+                    t2 = time.perf_counter()
+                    outcomes["learn", on_label(rt, state, held.message, out)] += 1
+                    t_learn += time.perf_counter() - t2
+                elif i in items:
+                    serve(rt, state, items[i], index[i], batch, deployment, out)
+        spent["learn"] += t_learn
+        spent["score"] += time.perf_counter() - t1 - t_learn
+        outcomes["score", "ok"] += len(scored)
 
     def _log_state(self, states: Iterable[PartitionState], out: Outbox) -> None:
         """Changed windows and statistics to the state changelog, once per key per batch."""
@@ -360,6 +447,9 @@ class PipelineEngine:
             state = self.rt.states.get(p)
             if state is None:
                 continue
+            state.held.clear()  # not applied, not committed: whoever owns it next reads them
+            for tp in [tp for tp in self._seen_ts if tp.partition == p]:
+                del self._seen_ts[tp]
             for window in state.minutes.values():
                 if window.n:
                     emit_metrics(self.rt, state, window, out)

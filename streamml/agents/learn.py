@@ -18,12 +18,12 @@ from streamml.agents.runtime import (
     EARLY,
     JOIN,
     MODEL,
+    Made,
     MinuteMetrics,
     PartitionState,
     PipelineRuntime,
 )
 from streamml.models.online import Prediction, coerce_label, metric_values, new_metrics
-from streamml.models.serving import ONLINE, Deployment
 from streamml.streams.outbox import Outbox
 from streamml.streams.topics import dumps, loads
 
@@ -36,7 +36,6 @@ def on_label(
     rt: PipelineRuntime,
     state: PartitionState,
     message: ConsumerRecord[bytes, bytes],
-    deployment: Deployment,
     out: Outbox,
 ) -> str:
     """Handle one label record; returns its outcome (learned, early or malformed)."""
@@ -56,7 +55,7 @@ def on_label(
         rt.counters["labels_early"] += 1
         return "early"
     out.add(rt.topics["state"], state.partition, JOIN + ident, None)
-    learn_one(rt, state, stored[1], label, deployment, out, stored[2])
+    learn_one(rt, state, stored[1], label, stored[3], out, stored[2])
     return "learned"
 
 
@@ -65,27 +64,27 @@ def learn_one(
     state: PartitionState,
     features: dict[str, float],
     label: Any,
-    deployment: Deployment,
+    made: list[Made],
     out: Outbox,
     event_ts_ms: int = 0,
 ) -> None:
-    """Test-then-train the online model on one labelled event, account the label in the
-    open minute of every deployed model (batch models are scored on it, not trained), and
-    feed the champion's error to the concept drift monitor."""
+    """Train the online model on one labelled event, and score the label against what each
+    model predicted when the event arrived (``made``, kept with the join state): the open
+    minute of each model's metrics, the online model's prequential metrics, and the concept
+    drift monitor on the served model's error. Nothing is predicted again here."""
     learner = state.learner
-    before = learner.learn(features, label)
-    rt.counters["learned"] += 1
     target = coerce_label(label, learner.classification)
-    online_role = "champion" if deployment.champion.kind == ONLINE else "shadow"
-    _account(rt, state, learner.version, online_role, before, target, out)
-    served = before
-    for slot in deployment.batch_slots:
-        assert slot.scorer is not None
-        prediction = slot.scorer.predict(features)
-        _account(rt, state, slot.version, slot.role, prediction, target, out)
-        if slot.role == "champion":
-            served = prediction
-    if state.monitor is not None:
+    own = None
+    served = None
+    for m in made:
+        _account(rt, state, m.version, m.role, m.prediction, target, out)
+        if m.version == learner.version:
+            own = m.prediction
+        if m.served:
+            served = m.prediction
+    learner.learn(features, target, own)
+    rt.counters["learned"] += 1
+    if state.monitor is not None and served is not None:
         error = _error(served, target, learner.classification)
         state.detections.extend((d, event_ts_ms) for d in state.monitor.observe_error(error))
     if learner.learned % rt.spec.online_model.snapshot_every == 0:

@@ -22,7 +22,7 @@ import orjson
 
 from streamml.models.drift import Detection, DriftMonitor
 from streamml.models.features import Featurizer, GlobalState
-from streamml.models.online import OnlineLearner
+from streamml.models.online import OnlineLearner, Prediction
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.topics import pipeline_topics, state_topic
 from streamml.telemetry import Telemetry
@@ -30,6 +30,26 @@ from streamml.telemetry import Telemetry
 # Changelog keys: a one-letter kind, a colon, then the entity or event id.
 WINDOW, JOIN, EARLY = b"w:", b"j:", b"e:"
 STATS, MODEL = b"s:", b"m:"
+
+
+@dataclass(frozen=True)
+class Made:
+    """One model's prediction for an event, as made when the event arrived: what the
+    learn step scores once the label comes (never a re-prediction)."""
+
+    version: str
+    role: str  # champion | shadow | canary, at the time it was made
+    served: bool
+    prediction: Prediction
+
+    def to_json(self) -> list[Any]:
+        p = self.prediction
+        return [self.version, self.role, self.served, p.score, p.predicted_class]
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> Made:
+        version, role, served, score, predicted = row
+        return cls(str(version), str(role), bool(served), Prediction(float(score), predicted, {}))
 
 
 @dataclass
@@ -44,14 +64,26 @@ class MinuteMetrics:
     n: int = 0
 
 
+@dataclass(order=True)
+class Held:
+    """A fetched raw record or label, sortable into the order it was produced: record
+    timestamp, then the producer's sequence header (``streamml-seq``, which orders records
+    of one producer within a millisecond), then raw before label, then offset."""
+
+    key: tuple[int, int, int, int]
+    is_label: bool = field(compare=False)
+    message: Any = field(compare=False)  # aiokafka ConsumerRecord
+    fetched_at: float = field(compare=False)  # time.monotonic() when it was fetched
+
+
 @dataclass
 class PartitionState:
     partition: int
     learner: OnlineLearner
     stats: GlobalState
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # event_id -> (stored at, ms; features; event time, ms)
-    joins: dict[str, tuple[int, dict[str, float], int]] = field(default_factory=dict)
+    # event_id -> (stored at, ms; features; event time, ms; the predictions made then)
+    joins: dict[str, tuple[int, dict[str, float], int, list[Made]]] = field(default_factory=dict)
     # event_id -> (stored at, ms; label)
     early: dict[str, tuple[int, Any]] = field(default_factory=dict)
     dirty_windows: set[str] = field(default_factory=set)
@@ -63,6 +95,9 @@ class PartitionState:
     # drift detections of this batch, with the event time they fired at
     detections: list[tuple[Detection, int]] = field(default_factory=list)
     metrics_sent_at: float = field(default_factory=time.monotonic)
+    # fetched records not applied yet, waiting for the other topic to catch up in event
+    # order (not logged: their offsets are not committed, a new owner reads them again)
+    held: list[Held] = field(default_factory=list)
 
     @classmethod
     def restore(
@@ -81,7 +116,13 @@ class PartitionState:
                 state.windows[ident] = orjson.loads(value)
             elif kind == JOIN:
                 stored = orjson.loads(value)
-                state.joins[ident] = (ts_ms, stored["features"], int(stored.get("ts_ms") or 0))
+                made = [Made.from_json(row) for row in stored.get("predictions") or ()]
+                state.joins[ident] = (
+                    ts_ms,
+                    stored["features"],
+                    int(stored.get("ts_ms") or 0),
+                    made,
+                )
             elif kind == EARLY:
                 state.early[ident] = (ts_ms, orjson.loads(value)["label"])
         return state

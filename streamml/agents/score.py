@@ -1,10 +1,15 @@
-"""score: the feature vectors of a batch -> ``<p>.features`` and ``<p>.predictions``.
+"""score: feature vectors -> ``<p>.features`` and ``<p>.predictions``, in event order.
 
-Every model of the deployment scores the whole batch at once (one onnxruntime call per
-batch model): the champion's prediction answers, unless the entity is routed to a canary;
-shadow challengers are logged with ``served = false``. The features of each event are
-kept, keyed by event_id, until its label arrives (or their TTL passes) for the learn step;
-a label that came first is learned at once.
+Batch (ONNX) models do not learn from labels, so each scores a partition's whole batch
+at once (:func:`batch_outputs`, one onnxruntime call). The online model does learn, so it
+predicts each event when the engine reaches it in produced order (:func:`serve`), after
+every label produced before the event and before every label produced after it: the
+prediction a live stream would have served. The champion's prediction answers, unless the
+entity is routed to a canary; shadow challengers are logged with ``served = false``.
+
+Every model's prediction is kept with the event's features, keyed by event_id, until its
+label arrives (or their TTL passes): the learn step scores those predictions, the ones
+that were made when the event arrived. A label that came first is learned at once.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from typing import Any
 from aiokafka import ConsumerRecord
 
 from streamml.agents.learn import learn_one
-from streamml.agents.runtime import EARLY, JOIN, PartitionState, PipelineRuntime
+from streamml.agents.runtime import EARLY, JOIN, Made, PartitionState, PipelineRuntime
 from streamml.models.online import Prediction
 from streamml.models.serving import Deployment, Slot
 from streamml.schemas.records import Record
 from streamml.streams.outbox import Headers, Outbox
 from streamml.streams.topics import dumps
+
+# version -> (one prediction per item of the batch, scoring time per item in ms)
+BatchOutputs = dict[str, tuple[list[Prediction], float]]
 
 
 @dataclass
@@ -36,70 +44,76 @@ class Scored:
     trace_id: str
 
 
-def predict(
-    slot: Slot, state: PartitionState, vectors: Sequence[dict[str, float]]
-) -> list[Prediction]:
-    if slot.scorer is not None:
-        return slot.scorer.predict_many(vectors)
-    return [state.learner.predict(v) for v in vectors]
+def batch_outputs(deployment: Deployment, items: Sequence[Scored]) -> BatchOutputs:
+    """Every batch model of the deployment on every item, one call per model."""
+    found: BatchOutputs = {}
+    if not items:
+        return found
+    vectors = [it.vector for it in items]
+    for slot in deployment.batch_slots:
+        assert slot.scorer is not None
+        t0 = time.perf_counter()
+        predictions = slot.scorer.predict_many(vectors)
+        found[slot.version] = (predictions, (time.perf_counter() - t0) * 1000 / len(items))
+    return found
 
 
-def score_batch(
+def serve(
     rt: PipelineRuntime,
     state: PartitionState,
-    items: Sequence[Scored],
+    it: Scored,
+    index: int,
+    batch: BatchOutputs,
     deployment: Deployment,
     out: Outbox,
 ) -> None:
-    if not items:
-        return
-    vectors = [it.vector for it in items]
-    runs: list[tuple[Slot, list[Prediction], float]] = []
-    for slot in (deployment.champion, *deployment.challengers):
-        t0 = time.perf_counter()
-        predictions = predict(slot, state, vectors)
-        runs.append((slot, predictions, (time.perf_counter() - t0) * 1000 / len(items)))
-    any_canary = any(s.role == "canary" for s in deployment.challengers)
-    topics = rt.topics
-    partition = state.partition
+    """Predict one event with every deployed model, log the predictions and the features,
+    and keep what each model predicted until the label comes."""
+    record, message = it.record, it.message
+    topics, partition = rt.topics, state.partition
+    key = message.key if message.key is not None else record.event_id.encode()
     now_ms = int(time.time() * 1000)
-    monitor = state.monitor
-    for i, it in enumerate(items):
-        record, message = it.record, it.message
-        key = message.key if message.key is not None else record.event_id.encode()
-        features = dumps(
-            {
-                "event_id": record.event_id,
-                "ts_ms": record.ts_ms,
-                "entity_key": record.entity_key,
-                "ingest_ms": message.timestamp,
-                "features": it.vector,
-            }
-        )
-        out.add(topics["features"], partition, key, features, it.headers)
-        canary = deployment.canary_for(record.entity_key) if any_canary else None
-        if monitor is not None:  # data and prediction drift, on what was served
-            found = monitor.observe_features(it.vector)
-            served_score = runs[0][1][i].score if canary is None else None
-            if served_score is not None:
-                found += monitor.observe_score(served_score)
-            state.detections.extend((d, record.ts_ms) for d in found)
-        for slot, predictions, latency_ms in runs:
-            if slot.role == "canary" and slot is not canary:
-                continue
-            served = slot is canary if canary is not None else slot.role == "champion"
-            value = _prediction(rt, it, slot, predictions[i], served, latency_ms, now_ms)
-            out.add(topics["predictions"], partition, key, value, it.headers)
-        event_id = record.event_id
-        waiting = state.early.pop(event_id, None)
-        if waiting is not None:  # its label came first: learn now
-            rt.counters["labels_early_matched"] += 1
-            out.add(topics["state"], partition, EARLY + event_id.encode(), None)
-            learn_one(rt, state, it.vector, waiting[1], deployment, out, record.ts_ms)
+    features = {
+        "event_id": record.event_id,
+        "ts_ms": record.ts_ms,
+        "entity_key": record.entity_key,
+        "ingest_ms": message.timestamp,
+        "features": it.vector,
+    }
+    out.add(topics["features"], partition, key, dumps(features), it.headers)
+    canary = deployment.canary_for(record.entity_key) if deployment.has_canary else None
+    made: list[Made] = []
+    for slot in (deployment.champion, *deployment.challengers):
+        if slot.role == "canary" and slot is not canary:
+            continue
+        if slot.scorer is not None:
+            predictions, latency_ms = batch[slot.version]
+            prediction = predictions[index]
         else:
-            state.joins[event_id] = (now_ms, it.vector, record.ts_ms)
-            out.add(topics["state"], partition, JOIN + event_id.encode(), features)
-    rt.counters["scored"] += len(items)
+            t0 = time.perf_counter()
+            prediction = state.learner.predict(it.vector)
+            latency_ms = (time.perf_counter() - t0) * 1000
+        served = slot is canary if canary is not None else slot.role == "champion"
+        made.append(Made(slot.version, slot.role, served, prediction))
+        value = _prediction(rt, it, slot, prediction, served, latency_ms, now_ms)
+        out.add(topics["predictions"], partition, key, value, it.headers)
+    monitor = state.monitor
+    if monitor is not None:  # data and prediction drift, on what was served
+        found = monitor.observe_features(it.vector)
+        if canary is None:
+            found += monitor.observe_score(made[0].prediction.score)
+        state.detections.extend((d, record.ts_ms) for d in found)
+    event_id = record.event_id
+    waiting = state.early.pop(event_id, None)
+    if waiting is not None:  # its label came first: learn now, from what was just served
+        rt.counters["labels_early_matched"] += 1
+        out.add(topics["state"], partition, EARLY + event_id.encode(), None)
+        learn_one(rt, state, it.vector, waiting[1], made, out, record.ts_ms)
+    else:
+        state.joins[event_id] = (now_ms, it.vector, record.ts_ms, made)
+        features["predictions"] = [m.to_json() for m in made]
+        out.add(topics["state"], partition, JOIN + event_id.encode(), dumps(features))
+    rt.counters["scored"] += 1
 
 
 def _prediction(

@@ -63,14 +63,16 @@ class OnlineLearner:
         best = max(proba, key=lambda k: proba[k])
         return Prediction(proba.get(self.positive_key, 0.0), best, proba)
 
-    def learn(self, x: dict[str, float], y: Any) -> Prediction:
-        """Prequential step: predict ``x``, score it against ``y``, then learn from it."""
-        before = self.predict(x)
+    def learn(self, x: dict[str, float], y: Any, served: Prediction | None = None) -> None:
+        """Train on one labelled event. ``served`` is what this model predicted when the event
+        arrived (kept with the join state): the prequential metrics score that prediction,
+        never a re-prediction at label time -- with labels that come late, the model has
+        learned from other events in between, and a second predict would flatter it."""
         target = coerce_label(y, self.classification)
-        self.score_into(self.metrics, before, target)
+        if served is not None:
+            self.score_into(self.metrics, served, target)
         self.model.learn_one(x, target)
         self.learned += 1
-        return before
 
     def score_into(self, metrics: dict[str, Any], before: Prediction, target: Any) -> None:
         """Update ``metrics`` (e.g. this learner's, or one minute's) with a prediction made

@@ -51,6 +51,10 @@ class Deployment:
     def batch_slots(self) -> list[Slot]:
         return [s for s in (self.champion, *self.challengers) if s.scorer is not None]
 
+    @property
+    def has_canary(self) -> bool:
+        return any(s.role == "canary" for s in self.challengers)
+
     def canary_for(self, entity_key: str) -> Slot | None:
         """The canary that serves this entity, if any (stable per entity)."""
         canaries = [s for s in self.challengers if s.role == "canary" and s.entry is not None]

@@ -1,8 +1,12 @@
 """Producing raw records and labels into a pipeline's topics, the way users do.
 
-Records are keyed by the spec's entity key (or event_id without one); each label is
-sent ``label_delay`` records after its event, keyed the same way, so it lands in the
-partition that scored the event.
+Records are keyed by the spec's entity key (or event_id without one); labels are keyed
+the same way, so they land in the partition that scored the event. With ``label_delay``
+d, the label of record i is sent just before record i + d (right after record i when d is
+0 or 1): the order river's ``simulate_qa`` / ``progressive_val_score`` uses for
+``delay=d``. Every record carries a ``streamml-seq`` header, this producer's running
+count: the worker applies a partition's raw records and labels in timestamp order, and
+within one millisecond in this order (other producers may set it too).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from streamml.streams.kafka import bounded, close_quietly
 from streamml.streams.topics import dumps, pipeline_topics
 
 Progress = Callable[[int], None]
+SEQ_HEADER = "streamml-seq"  # read by the engine (agents/engine.py) to order records
 
 
 def _none(_: int) -> None:
@@ -52,10 +57,15 @@ async def produce_examples(
     )
     bootstrap = settings.bootstrap_servers
     await bounded("connect", bootstrap, producer.start(), settings.request_timeout_s)
-    pending: deque[Example] = deque()
+    pending: deque[tuple[int, Example]] = deque()
     futures: list[asyncio.Future[Any]] = []
     sent = 0
+    seq = [0]
     started = time.perf_counter()
+
+    def order() -> list[tuple[str, bytes]]:
+        seq[0] += 1
+        return [(SEQ_HEADER, str(seq[0]).encode())]
 
     async def send_label(example: Example) -> None:
         assert isinstance(example.record, dict)
@@ -64,18 +74,27 @@ async def produce_examples(
             spec.label.field: example.label,
         }
         futures.append(
-            await producer.send(topics["labels"], dumps(value), key=example.key.encode())
+            await producer.send(
+                topics["labels"], dumps(value), key=example.key.encode(), headers=order()
+            )
         )
 
     try:
-        for example in examples:
+        gap = max(label_delay, 1)
+        for i, example in enumerate(examples):
+            while pending and pending[0][0] + gap <= i:  # labels due before record i
+                await send_label(pending.popleft()[1])
             payload = example.record if isinstance(example.record, bytes) else dumps(example.record)
-            futures.append(await producer.send(topics["raw"], payload, key=example.key.encode()))
+            futures.append(
+                await producer.send(
+                    topics["raw"], payload, key=example.key.encode(), headers=order()
+                )
+            )
             sent += 1
             if with_labels and example.label is not None:
-                pending.append(example)
-                while len(pending) > label_delay:
-                    await send_label(pending.popleft())
+                pending.append((i, example))
+                if label_delay <= 1:  # due before the next record: send it now
+                    await send_label(pending.popleft()[1])
             if len(futures) >= 2000:
                 await bounded(
                     "acknowledge records",
@@ -90,7 +109,7 @@ async def produce_examples(
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         while pending:
-            await send_label(pending.popleft())
+            await send_label(pending.popleft()[1])
         await bounded(
             "acknowledge records", bootstrap, asyncio.gather(*futures), settings.request_timeout_s
         )

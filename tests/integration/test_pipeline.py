@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
-from river import compose, linear_model, metrics, preprocessing
+from river import compose, datasets, evaluate, linear_model, metrics, preprocessing
 
 from streamml.config import Settings
 from streamml.devstack.worker import WorkerProcess
@@ -154,15 +155,55 @@ def test_sigkilled_worker_resumes_and_loses_nothing(
         worker.stop()
 
 
-def test_phishing_prequential_accuracy_equals_river(
+def _river_served(delay: int | None) -> list[tuple[str, float]]:
+    """river's own (delayed) progressive validation of the spec's model on Phishing: the
+    class and positive-class probability it predicts for each event, in event order."""
+    model = compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression())
+    data = [({k: float(v) for k, v in x.items()}, y) for x, y in datasets.Phishing()]
+    steps = evaluate.iter_progressive_val_score(
+        data, model, metrics.ROCAUC(), delay=delay, yield_predictions=True
+    )
+    served = []
+    for step in steps:  # answers come in event order: the delay is constant
+        proba = step["Prediction"]
+        served.append((str(max(proba, key=proba.get)), float(proba[True])))
+    assert len(served) == 1250
+    return served
+
+
+def _served_rows(worker: WorkerProcess, name: str, n: int) -> dict[str, tuple[str, float]]:
+    sql = (
+        "SELECT event_id, predicted_class, score FROM predictions FINAL "
+        f"WHERE pipeline = '{name}' AND served = 1"
+    )
+    _wait_for(worker, f"SELECT count() FROM ({sql})", n, timeout_s=120)
+    return {str(e): (str(c), float(s)) for e, c, s in worker.query(sql)[1]}
+
+
+def _assert_served_equals_river(
+    worker: WorkerProcess, name: str, delay: int, examples: list[Any]
+) -> None:
+    served = _served_rows(worker, name, len(examples))
+    expected = _river_served(delay or None)
+    mismatches = [
+        (i, served.get(f"phishing-{i}"), want)
+        for i, want in enumerate(expected)
+        if served.get(f"phishing-{i}") != want
+    ]
+    assert not mismatches, f"{len(mismatches)} served predictions differ: {mismatches[:5]}"
+
+
+def test_phishing_served_predictions_equal_rivers_progressive_validation(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
+    """Labels right after their records (delay 0): every served prediction equals river's
+    progressive_val_score's for the same model, and so does the reported accuracy."""
     name = "phish"
     traced = stack_settings.model_copy(update={"otel_exporter": "console"})
     settings, spec, worker = _start(traced, tmp_path, "phishing", name, "grpphish")
     try:
         examples = list(phishing())
-        asyncio.run(produce_examples(settings, spec, examples, label_delay=20))
+        asyncio.run(produce_examples(settings, spec, examples, label_delay=0))
         deadline = time.monotonic() + 120
         stats: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -171,6 +212,7 @@ def test_phishing_prequential_accuracy_equals_river(
                 break
             time.sleep(0.5)
         assert stats.get("learned") == len(examples), stats
+        _assert_served_equals_river(worker, name, 0, examples)
 
         # OpenTelemetry: a producer's trace context reaches the prediction row ...
         trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -203,14 +245,32 @@ def test_phishing_prequential_accuracy_equals_river(
     finally:
         worker.stop()
 
-    model = compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression())
-    accuracy = metrics.Accuracy()
-    for example in examples:
-        assert isinstance(example.record, dict)
-        x = {k: float(v) for k, v in example.record.items() if k not in ("event_id", "ts")}
-        accuracy.update(example.label, model.predict_one(x))
-        model.learn_one(x, example.label)
+    accuracy = evaluate.progressive_val_score(
+        [({k: float(v) for k, v in x.items()}, y) for x, y in datasets.Phishing()],
+        compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression()),
+        metrics.Accuracy(),
+    )
     assert stats["accuracy"] == accuracy.get()
+
+
+def test_phishing_served_predictions_with_delayed_labels_equal_rivers(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Labels 25 events late: the served predictions are river's delayed progressive
+    validation with delay=25 (the learn step scores what was served, never re-predicts)."""
+    name = "phishd"
+    settings, spec, worker = _start(stack_settings, tmp_path, "phishing", name, "grpphishd")
+    try:
+        examples = list(phishing())
+        asyncio.run(produce_examples(settings, spec, examples, label_delay=25))
+        _assert_served_equals_river(worker, name, 25, examples)
+        stats = worker.get("/stats")["pipelines"][name]["prequential"]["0"]
+    finally:
+        worker.stop()
+    expected = [c for c, _ in _river_served(25)]
+    truth = [str(y) for _, y in datasets.Phishing()]
+    served_accuracy = sum(a == b for a, b in zip(expected, truth, strict=True)) / len(truth)
+    assert stats["accuracy"] == pytest.approx(served_accuracy, abs=1e-12)
 
 
 async def _features_of(settings: Settings, topic: str, event_id: str) -> dict[str, Any]:

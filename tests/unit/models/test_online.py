@@ -15,7 +15,7 @@ from river import compose, datasets, evaluate, linear_model, metrics, naive_baye
 from river import tree as river_tree
 
 from streamml.models import synthetic
-from streamml.models.online import MODELS, OnlineLearner, build_model
+from streamml.models.online import MODELS, OnlineLearner, Prediction, build_model
 from streamml.schemas.records import Record, Source, validate
 from streamml.schemas.spec import OnlineModelSpec, PipelineSpec, load_spec, parse_spec
 
@@ -29,6 +29,14 @@ RIVER_CLASSES = {
     "linear_regression": linear_model.LinearRegression,
     "hoeffding_tree_regressor": river_tree.HoeffdingTreeRegressor,
 }
+
+
+def _step(learner: OnlineLearner, x: dict[str, float], y: Any) -> Prediction:
+    """What the engine does: predict when the event arrives (served), learn when the label
+    comes, scoring the served prediction."""
+    before = learner.predict(x)
+    learner.learn(x, y, before)
+    return before
 
 
 def _spec(kind: str, **online: Any) -> PipelineSpec:
@@ -97,7 +105,7 @@ def test_learner_of_every_kind_learns_and_predicts(kind: str) -> None:
     learner = OnlineLearner(spec)
     regression = kind in REGRESSORS
     for x, y in _stream(300):
-        learner.learn(x, y if regression else y > 1)
+        _step(learner, x, y if regression else y > 1)
     assert learner.learned == 300
     prediction = learner.predict({"x1": 0.9, "x2": -0.9})
     if regression:
@@ -140,7 +148,7 @@ def test_phishing_accuracy_equals_rivers_progressive_val_score() -> None:
     spec = load_spec(PIPELINES / "phishing.yaml")
     learner = OnlineLearner(spec)
     for x, y in _phishing():
-        learner.learn(x, y)
+        _step(learner, x, y)
     assert learner.learned == 1250
 
     reference = compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression())
@@ -162,7 +170,7 @@ def test_phishing_metrics_equal_a_manual_predict_then_learn_loop() -> None:
     }
     for (x, y), (rx, ry) in zip(_phishing(), datasets.Phishing(), strict=True):
         assert x == rx and y == ry  # the records carry river's features unchanged
-        prediction = learner.learn(x, y)
+        prediction = _step(learner, x, y)
         y_pred, proba = model.predict_one(rx), model.predict_proba_one(rx)
         assert prediction.score == proba[True]
         assert prediction.predicted_class == str(y_pred)
@@ -177,7 +185,7 @@ def test_snapshot_restore_continues_identically() -> None:
     stream = _phishing()
     original = OnlineLearner(spec)
     for x, y in stream[:600]:
-        original.learn(x, y)
+        _step(original, x, y)
     blob = original.snapshot()
     assert isinstance(blob, bytes)
 
@@ -187,8 +195,8 @@ def test_snapshot_restore_continues_identically() -> None:
     probe = stream[600][0]
     assert restored.predict(probe) == original.predict(probe)
 
-    first = [original.learn(x, y) for x, y in stream[600:]]
-    second = [restored.learn(x, y) for x, y in stream[600:]]
+    first = [_step(original, x, y) for x, y in stream[600:]]
+    second = [_step(restored, x, y) for x, y in stream[600:]]
     assert first == second
     assert restored.metric_values() == original.metric_values()
     assert restored.learned == original.learned == 1250
@@ -207,7 +215,7 @@ def test_regression_metrics_equal_rivers() -> None:
     mae, rmse = metrics.MAE(), metrics.RMSE()
     stream = _stream(500)
     for x, y in stream:
-        prediction = learner.learn(x, y)
+        prediction = _step(learner, x, y)
         y_pred = model.predict_one(x)
         assert prediction.score == y_pred
         mae.update(y, y_pred)
@@ -220,8 +228,8 @@ def test_regression_metrics_equal_rivers() -> None:
 def test_regression_error_falls_as_the_model_learns() -> None:
     learner = OnlineLearner(_spec("linear_regression"))
     stream = _stream(1000, seed=2)
-    early = [abs(learner.learn(x, y).score - y) for x, y in stream[:100]]
-    late = [abs(learner.learn(x, y).score - y) for x, y in stream[100:]][-100:]
+    early = [abs(_step(learner, x, y).score - y) for x, y in stream[:100]]
+    late = [abs(_step(learner, x, y).score - y) for x, y in stream[100:]][-100:]
     assert sum(late) / 100 < 0.5 * sum(early) / 100
     assert sum(late) / 100 < 0.3
 
@@ -230,8 +238,8 @@ def test_regression_labels_arriving_as_json_strings_or_ints() -> None:
     spec = _spec("linear_regression")
     as_text, as_float = OnlineLearner(spec), OnlineLearner(spec)
     for x, y in [({"x1": 1.0, "x2": 0.0}, 4), ({"x1": 0.0, "x2": 1.0}, -1)]:
-        as_text.learn(x, str(y))
-        as_float.learn(x, float(y))
+        _step(as_text, x, str(y))
+        _step(as_float, x, float(y))
     assert as_text.metric_values() == as_float.metric_values()
     assert as_text.metric_values()["mae"] > 0
 
@@ -250,7 +258,7 @@ def _int_labelled(kind: str, positive: str | None) -> OnlineLearner:
     rng = random.Random(0)
     for _ in range(400):
         x = {"https": rng.random()}
-        learner.learn(x, 1 if x["https"] > 0.5 else 0)  # 0/1 labels, as JSON numbers
+        _step(learner, x, 1 if x["https"] > 0.5 else 0)  # 0/1 labels, as JSON numbers
     return learner
 
 
