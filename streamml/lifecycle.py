@@ -381,6 +381,25 @@ def rollback(settings: Settings, spec: PipelineSpec, reason: str) -> str:
     return now
 
 
+def serve_online(settings: Settings, spec: PipelineSpec, reason: str) -> str:
+    """Let the pipeline's online model serve: the batch champion is retired (archived, and
+    still the target of ``rollback``'s history). Returns the online version."""
+    registry = Registry(settings.registry_path)
+    before = registry.champion(spec.name)
+    if before is None:
+        raise RegistryError(f"{spec.name}: the online model serves already")
+    registry.retire_champion(spec.name, reason=reason)
+    now = online_version(spec)
+    events = [
+        ControlEvent.new(
+            spec.name, "promoted", version=now, previous=before.version, reason=reason
+        ),
+        _event(spec, "archived", registry.get(spec.name, before.version), reason="replaced"),
+    ]
+    asyncio.run(control.publish(settings, *events))
+    return now
+
+
 def archive(settings: Settings, spec: PipelineSpec, version: str, reason: str) -> ModelVersion:
     registry = Registry(settings.registry_path)
     entry = registry.archive(spec.name, version, reason=reason)

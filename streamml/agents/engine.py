@@ -386,7 +386,7 @@ class PipelineEngine:
         rt = self.rt
         version = self.deployment.champion.version
         for state in states:
-            for detection, event_ts_ms in state.detections:
+            for detection, event_ts_ms, change_ts_ms in state.detections:
                 rt.counters[f"drift.{detection.kind}"] += 1
                 event = ControlEvent.new(
                     rt.name,
@@ -406,6 +406,7 @@ class PipelineEngine:
                         "at": detection.at,
                         "partition": state.partition,
                         "event_ts_ms": event_ts_ms,
+                        "change_ts_ms": change_ts_ms,
                     },
                 )
                 log.warning("%s: drift detected: %s", rt.name, event.reason)

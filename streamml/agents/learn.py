@@ -86,7 +86,9 @@ def learn_one(
     rt.counters["learned"] += 1
     if state.monitor is not None and served is not None:
         error = _error(served, target, learner.classification)
-        state.detections.extend((d, event_ts_ms) for d in state.monitor.observe_error(error))
+        monitor = state.monitor
+        for d in monitor.observe_error(error, event_ts_ms):
+            state.detections.append((d, event_ts_ms, monitor.change_ts_ms(d)))
     if learner.learned % rt.spec.online_model.snapshot_every == 0:
         snapshot(rt, state, out)
 

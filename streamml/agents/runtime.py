@@ -92,8 +92,9 @@ class PartitionState:
     snapshot_at: float = field(default_factory=time.monotonic)
     snapshot_learned: int = 0
     monitor: DriftMonitor | None = None
-    # drift detections of this batch, with the event time they fired at
-    detections: list[tuple[Detection, int]] = field(default_factory=list)
+    # drift detections of this batch, with the event time they fired at and the event
+    # time where the detector estimates the change began (None: no estimate)
+    detections: list[tuple[Detection, int, int | None]] = field(default_factory=list)
     metrics_sent_at: float = field(default_factory=time.monotonic)
     # fetched records not applied yet, waiting for the other topic to catch up in event
     # order (not logged: their offsets are not committed, a new owner reads them again)

@@ -102,7 +102,7 @@ def serve(
         found = monitor.observe_features(it.vector)
         if canary is None:
             found += monitor.observe_score(made[0].prediction.score)
-        state.detections.extend((d, record.ts_ms) for d in found)
+        state.detections.extend((d, record.ts_ms, None) for d in found)
     event_id = record.event_id
     waiting = state.early.pop(event_id, None)
     if waiting is not None:  # its label came first: learn now, from what was just served

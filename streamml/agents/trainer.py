@@ -1,13 +1,23 @@
-"""trainer: drift -> retrain -> evaluate -> register -> shadow -> promote or archive.
+"""trainer: drift -> confirm -> retrain -> evaluate -> register -> shadow -> judge.
 
 One trainer is active per app (consumer group ``<app_id>-trainer`` on the one-partition
-control topic). It turns ``drift_detected`` into ``retrain_requested`` (the policy's
-cooldown and de-duplication make a burst of detections one retrain), and serves every
-``retrain_requested`` -- from drift, the schedule or ``streamml retrain`` -- the same way:
-wait until the window holds enough labelled events, train, evaluate against the champion,
-register and deploy the result as a challenger. Then it watches the challenger's labelled
-metrics in ClickHouse and promotes it once it beats the champion over enough labels, or
-archives it.
+control topic).
+
+* A ``drift_detected`` of concept drift (one detector on one partition) is a suspicion. It
+  is confirmed by a change-point test over the served model's errors on every partition's
+  latest labelled events (:func:`judge.confirm_change`), which also dates the change; a
+  suspicion not confirmed within ``CONFIRM_WITHIN_S`` is dismissed. Both are audited.
+* A confirmed change becomes ``retrain_requested`` (the policy's cooldown and
+  de-duplication make a burst of detections one retrain) whose window starts at the
+  estimated change, never before. Drift, the schedule and ``streamml retrain`` are served
+  the same way: wait until the window holds enough labelled events, train, evaluate,
+  register, deploy the result as a challenger.
+* Every ``REVIEW_EVERY_S`` every deployed model -- champion, batch challengers, the online
+  model -- is judged on the same labelled events since the change (:func:`judge.review`):
+  the best candidate whose paired bootstrap bound beats the champion by ``min_delta`` and
+  which beats the trivial baseline is promoted (the online model by retiring the batch
+  champion); a challenger that cannot win is archived; a champion below the baseline with
+  no better candidate is reported and retrained. Every verdict is in the audit trail.
 """
 
 from __future__ import annotations
@@ -21,12 +31,12 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer
 
 from streamml import lifecycle
+from streamml.agents import judge
 from streamml.config import Settings
 from streamml.errors import StreamMLError
-from streamml.models.online import positive_label
-from streamml.models.policy import RetrainPolicy, RoleScore, judge_challenger
+from streamml.models.policy import RetrainPolicy
 from streamml.models.registry import Registry
-from streamml.models.serving import online_version
+from streamml.models.serving import ONLINE, online_version
 from streamml.schemas.control import ControlEvent
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
@@ -38,6 +48,9 @@ log = logging.getLogger("streamml.trainer")
 Query = Callable[[str], QueryResult]
 TICK_S = 2.0
 PENDING_GIVE_UP_S = 600.0
+CONFIRM_WITHIN_S = 60.0  # a suspicion not confirmed by then is dismissed
+REVIEW_EVERY_S = 5.0
+GIVE_UP_FACTOR = 4  # a challenger not promoted after this many x min_labeled_events: archived
 
 
 @dataclass
@@ -49,43 +62,6 @@ class _Pending:
     since: float
 
 
-def score_sql(spec: PipelineSpec, champion: str, challenger: str, since_ms: int) -> str:
-    """(model_version, value of promotion.metric, labelled events) for the champion's served
-    predictions and the challenger's, over the events both scored since ``since_ms``."""
-    name, pos = spec.name, str(positive_label(spec.label.positive)).replace("'", "")
-    hit, truth = f"p.predicted_class = '{pos}'", f"l.label = '{pos}'"
-    expressions = {
-        "accuracy": "avg(p.predicted_class = l.label)",
-        "roc_auc": f"arrayAUC(groupArray(p.score), groupArray({truth}))",
-        "precision": f"countIf({hit} AND {truth}) / greatest(countIf({hit}), 1)",
-        "recall": f"countIf({hit} AND {truth}) / greatest(countIf({truth}), 1)",
-        "f1": f"2 * countIf({hit} AND {truth}) / greatest(countIf({hit}) + countIf({truth}), 1)",
-        "rmse": "sqrt(avg(pow(p.score - l.label_value, 2)))",
-        "mae": "avg(abs(p.score - l.label_value))",
-    }
-    value = expressions[spec.promotion.metric]
-    return f"""
-        SELECT p.model_version, {value}, count()
-        FROM (
-            SELECT event_id, model_version, any(predicted_class) AS predicted_class,
-                   any(score) AS score
-            FROM predictions
-            WHERE pipeline = '{name}' AND inserted_at >= fromUnixTimestamp64Milli({since_ms})
-              AND ((model_version = '{champion}' AND role = 'champion')
-                   OR model_version = '{challenger}')
-              AND event_id IN (SELECT event_id FROM predictions WHERE pipeline = '{name}'
-                               AND model_version = '{challenger}')
-            GROUP BY event_id, model_version
-        ) AS p
-        INNER JOIN (
-            SELECT event_id, argMax(label, inserted_at) AS label,
-                   argMax(label_value, inserted_at) AS label_value
-            FROM labels WHERE pipeline = '{name}' GROUP BY event_id
-        ) AS l ON p.event_id = l.event_id
-        GROUP BY p.model_version
-    """
-
-
 class Trainer:
     def __init__(self, settings: Settings, specs: Sequence[PipelineSpec], query: Query) -> None:
         self.settings = settings
@@ -93,9 +69,14 @@ class Trainer:
         self.query = query
         self.policies = {name: RetrainPolicy(spec) for name, spec in self.specs.items()}
         self.pending: dict[str, _Pending] = {}
-        self.watching: dict[str, tuple[str, int]] = {}  # pipeline -> (challenger, since ms)
         self.registry = Registry(settings.registry_path)
         self.status: dict[str, str] = {name: "idle" for name in self.specs}
+        self.suspects: dict[str, float] = {}  # pipeline -> when a concept drift was reported
+        self.change_ms: dict[str, int] = {}  # pipeline -> event time of the confirmed change
+        self.promoted_upto_ms: dict[str, int] = {}  # newest judged event at the last promotion
+        self.reviewed_at: dict[str, float] = {}
+        self.verdicts: dict[str, str] = {}  # pipeline -> the last review, in words
+        self._below_baseline_at: dict[str, float] = {}
 
     async def run(self) -> None:
         if not self.specs:
@@ -113,10 +94,6 @@ class Trainer:
         await bounded(
             "start the trainer", s.bootstrap_servers, consumer.start(), s.request_timeout_s
         )
-        for name in self.specs:  # a challenger left from before a restart is still judged
-            challengers = self.registry.challengers(name)
-            if challengers:
-                self.watching[name] = (challengers[-1].version, int(time.time() * 1000))
         try:
             while True:
                 batch = await consumer.getmany(timeout_ms=int(TICK_S * 1000))
@@ -145,6 +122,11 @@ class Trainer:
         policy = self.policies[name]
         if event.action == "drift_detected":
             kind = str(event.details.get("kind", "concept"))
+            if kind == "concept" and kind in policy.spec.kinds:
+                if name not in self.suspects:  # confirmed or dismissed on the next ticks
+                    self.suspects[name] = now
+                    self.status[name] = f"checking a drift ({event.reason})"
+                return
             drift_ts = int(event.details.get("event_ts_ms") or event.ts_ms)
             decision = policy.on_drift(kind, drift_ts, now)
             if decision.retrain:
@@ -167,15 +149,11 @@ class Trainer:
             policy.started(now)
             self.pending[name] = _Pending(event, window, now)
             self.status[name] = f"waiting for labelled events ({event.reason})"
-        elif event.action == "challenger_set" and name not in self.watching:
-            # a challenger set by hand (or by another trainer before a restart) is judged too
-            self.watching[name] = (event.version, event.ts_ms)
         elif (
             event.action in ("promoted", "archived")
-            and name in self.watching
-            and event.version == self.watching[name][0]
-        ):  # resolved by hand before the trainer judged it
-            self.watching.pop(name)
+            and policy.challenger is not None
+            and event.version == policy.challenger
+        ):  # resolved (by the review or by hand): drift may retrain again
             policy.challenger_resolved()
 
     async def _request(
@@ -205,10 +183,58 @@ class Trainer:
                 await self._request(
                     name, "schedule", scheduled.reason, None, scheduled.last_events, None
                 )
+        for name in list(self.suspects):
+            await self._confirm(name)
         for name, pending in list(self.pending.items()):
             await self._try_train(name, pending)
-        for name in list(self.watching):
-            await self._judge(name)
+        for name in self.specs:
+            if now - self.reviewed_at.get(name, 0.0) >= REVIEW_EVERY_S:
+                self.reviewed_at[name] = now
+                await self._review(name)
+
+    def _since(self, name: str) -> int:
+        """Judge and test from the later of the confirmed change and the last promotion."""
+        return max(self.change_ms.get(name, 0), self.promoted_upto_ms.get(name, 0))
+
+    async def _confirm(self, name: str) -> None:
+        spec, policy = self.specs[name], self.policies[name]
+        found = await asyncio.to_thread(
+            judge.confirm_change, spec, self.query, self._since(name), spec.retrain.last_events
+        )
+        if not found.confirmed or found.change_ts_ms is None:
+            if time.monotonic() - self.suspects[name] > CONFIRM_WITHIN_S:
+                self.suspects.pop(name)
+                log.info("%s: drift dismissed: %s", name, found.reason)
+                self.status[name] = f"drift dismissed ({found.reason})"
+                await self._audit(name, "drift_dismissed", found.reason, found)
+            return
+        self.suspects.pop(name)
+        change = found.change_ts_ms
+        log.warning("%s: drift %s", name, found.reason)
+        await self._audit(name, "drift_confirmed", found.reason, found)
+        self.change_ms[name] = max(change, self.change_ms.get(name, 0))
+        decision = policy.on_drift("concept", change, time.monotonic())
+        if decision.retrain:
+            await self._request(
+                name, "drift", decision.reason, decision.since_ms, decision.last_events, None
+            )
+        else:
+            log.info("%s: confirmed drift not retrained: %s", name, decision.reason)
+            self.status[name] = f"drift confirmed, not retrained: {decision.reason}"
+
+    async def _audit(self, name: str, action: str, reason: str, found: judge.Confirmation) -> None:
+        point = found.point
+        details = {
+            "change_ts_ms": found.change_ts_ms,
+            "events": found.events,
+            "error_before": point.before if point else None,
+            "error_after": point.after if point else None,
+            "statistic": point.statistic if point else None,
+            "p_value": point.p_value if point else None,
+        }
+        await control.publish(
+            self.settings, ControlEvent.new(name, action, reason=reason, details=details)
+        )
 
     def _labelled_rows(self, spec: PipelineSpec, window: lifecycle.Window) -> int:
         sql = f"SELECT count() FROM ({lifecycle.training_sql(spec, window)})"
@@ -247,48 +273,93 @@ class Trainer:
             outcome.version.version if outcome.deployed_as.startswith("challenger") else None
         )
         policy.finished(time.monotonic(), challenger)
-        if challenger:
-            self.watching[name] = (challenger, int(time.time() * 1000))
         self.status[name] = f"{outcome.version.version}: {outcome.deployed_as}"
 
-    def _scores(
-        self, spec: PipelineSpec, challenger: str, since_ms: int
-    ) -> tuple[RoleScore | None, RoleScore | None]:
-        """Champion and challenger on the same labelled events: those the challenger scored
-        (since it was deployed), joined with their labels in ClickHouse."""
-        metric = spec.promotion.metric
+    def _deployed(self, spec: PipelineSpec) -> tuple[str, list[str]]:
+        """The serving champion's version and every other model scoring beside it."""
         champion = self.registry.champion(spec.name)
-        champion_version = champion.version if champion else online_version(spec)
-        rows = self.query(score_sql(spec, champion_version, challenger, since_ms)).rows
-        found = {str(r[0]): (float(r[1]), int(r[2])) for r in rows if r[1] is not None}
-        champ = found.get(champion_version)
-        chall = found.get(challenger)
-        return (
-            RoleScore(champion_version, metric, *champ) if champ else None,
-            RoleScore(challenger, metric, *chall) if chall else None,
-        )
+        online = online_version(spec)
+        candidates = [c.version for c in self.registry.challengers(spec.name)]
+        if champion is None:
+            return online, candidates
+        if spec.serving.challenger == ONLINE or spec.serving.champion == ONLINE:
+            candidates.append(online)
+        return champion.version, candidates
 
-    async def _judge(self, name: str) -> None:
-        spec = self.specs[name]
-        challenger, since_ms = self.watching[name]
-        champ, chall = await asyncio.to_thread(self._scores, spec, challenger, since_ms)
-        if chall is None:
+    async def _review(self, name: str) -> None:
+        spec, policy = self.specs[name], self.policies[name]
+        champion, candidates = await asyncio.to_thread(self._deployed, spec)
+        if not candidates:
             return
-        decision = judge_challenger(champ, chall, spec.promotion)
-        if decision.action == "wait":
-            self.status[name] = f"{challenger}: {decision.reason}"
+        promo = spec.promotion
+        result = await asyncio.to_thread(
+            judge.review,
+            spec,
+            self.query,
+            champion,
+            candidates,
+            self._since(name),
+            max(GIVE_UP_FACTOR * promo.min_labeled_events, spec.retrain.last_events),
+            self.promoted_upto_ms.get(name, 0),
+        )
+        self.verdicts[name] = result.summary
+        if result.promote is not None:
+            chosen = result.promote.version
+            reason = f"judged: {result.promote.reason}"
+            try:
+                if chosen == online_version(spec):
+                    await asyncio.to_thread(lifecycle.serve_online, self.settings, spec, reason)
+                else:
+                    await asyncio.to_thread(lifecycle.promote, self.settings, spec, chosen, reason)
+            except StreamMLError as exc:  # e.g. someone changed the registry meanwhile
+                log.warning("%s: could not promote %s: %s", name, chosen, exc)
+                return
+            log.warning("%s: promoted %s: %s", name, chosen, result.promote.reason)
+            self.promoted_upto_ms[name] = result.newest_ts_ms
+            if chosen == policy.challenger:
+                policy.challenger_resolved()
+            self.status[name] = f"{chosen}: promoted ({result.promote.reason})"
             return
-        self.watching.pop(name)
-        self.policies[name].challenger_resolved()
-        try:
-            if decision.action == "promote":
-                await asyncio.to_thread(
-                    lifecycle.promote, self.settings, spec, challenger, decision.reason
-                )
-            else:
-                await asyncio.to_thread(
-                    lifecycle.archive, self.settings, spec, challenger, decision.reason
-                )
-        except StreamMLError as exc:  # e.g. someone archived it by hand meanwhile
-            log.warning("%s: could not %s %s: %s", name, decision.action, challenger, exc)
-        self.status[name] = f"{challenger}: {decision.action}d ({decision.reason})"
+        for version, verdict in result.verdicts.items():
+            if version == online_version(spec) or verdict.action == "wait":
+                continue
+            n = max((r.vs_champion.n for r in verdict.table), default=0)
+            if judge.cannot_win(verdict, version, promo.min_delta) or (
+                n >= GIVE_UP_FACTOR * promo.min_labeled_events
+            ):
+                reason = f"judged: cannot beat {champion} by {promo.min_delta:g}: {verdict.reason}"
+                try:
+                    await asyncio.to_thread(lifecycle.archive, self.settings, spec, version, reason)
+                except StreamMLError as exc:
+                    log.warning("%s: could not archive %s: %s", name, version, exc)
+                    continue
+                log.info("%s: archived %s: %s", name, version, verdict.reason)
+                if version == policy.challenger:
+                    policy.challenger_resolved()
+                self.status[name] = f"{version}: archived ({verdict.reason})"
+        if result.below_baseline is not None:
+            await self._below_baseline(name, result.below_baseline.reason)
+
+    async def _below_baseline(self, name: str, reason: str) -> None:
+        """The champion loses to the trivial baseline and nothing deployed beats it: say so
+        (audit trail) and retrain, at most once per cooldown."""
+        spec, policy = self.specs[name], self.policies[name]
+        now = time.monotonic()
+        last = self._below_baseline_at.get(name)
+        if last is not None and now - last < spec.retrain.cooldown_s:
+            return
+        self._below_baseline_at[name] = now
+        log.warning("%s: champion below the baseline: %s", name, reason)
+        await control.publish(
+            self.settings,
+            ControlEvent.new(name, "judged", reason=f"champion below the baseline: {reason}"),
+        )
+        if not policy.busy and name not in self.pending:
+            await self._request(
+                name,
+                "baseline",
+                f"champion below the baseline: {reason}",
+                self.change_ms.get(name),
+                spec.retrain.last_events,
+                None,
+            )

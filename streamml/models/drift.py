@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -35,6 +36,7 @@ from streamml.schemas.spec import PipelineSpec
 
 SCORE = "score"  # the column of a Reference that holds the served score
 FLOOR = 1e-4  # smallest fraction of a bin, so that PSI never takes log(0)
+ERROR_MEMORY = 20_000  # event times of the latest errors, to date a change point
 _INT_PARAMS = frozenset(
     {"clock", "max_buckets", "min_window_length", "grace_period", "min_instances", "warm_start"}
 )
@@ -51,6 +53,9 @@ class Detection:
     threshold: float
     window: int  # observations in the window that decided
     at: int  # 1-based count of observations of that monitor when it fired
+    # where the change began, as this detector sees it: ADWIN keeps the observations after
+    # its cut, so the change is about ``since`` observations before ``at`` (0: unknown)
+    since: int = 0
 
 
 # --- reference distributions and PSI -----------------------------------------------------
@@ -255,10 +260,13 @@ class _Concept:
         if not det.drift_detected:
             return None
         warm, self.since = self.since >= self.spec.min_events, 0
+        since = 0
         if self.spec.detector == "adwin":
-            # ADWIN dropped the older part of its window: the mean error of the rest.
+            # ADWIN dropped the older part of its window: the mean error of the rest, which
+            # began where ADWIN cut -- its estimate of the change point.
             stat, threshold, window = float(det.estimation), float(det.delta), width + 1
             rising = stat > before
+            since = int(det.width)
         elif self.spec.detector == "page_hinkley":
             stat = float(det._sum_increase - det._min_increase)
             threshold, window, rising = float(det.threshold), int(det._x_mean.n), True
@@ -269,7 +277,9 @@ class _Concept:
             window, rising = n, True
         if not (warm and rising):
             return None
-        return Detection(self.spec.detector, "concept", "error", stat, threshold, window, at)
+        return Detection(
+            self.spec.detector, "concept", "error", stat, threshold, window, at, since
+        )
 
 
 # --- every monitor of a stream -------------------------------------------------------------
@@ -309,6 +319,7 @@ class DriftMonitor:
             p = drift.prediction
             self._score = _Psi("prediction", SCORE, p.threshold, p.window, p.bins)
         self._counts = {"concept": 0, "data": 0, "prediction": 0}
+        self._error_ts: deque[int] = deque(maxlen=ERROR_MEMORY)
         self.reference: Reference | None = None
         self.set_reference(reference)
 
@@ -324,16 +335,29 @@ class DriftMonitor:
                 if name in reference.edges:
                     monitor.adopt(reference)
 
+    def change_ts_ms(self, detection: Detection) -> int | None:
+        """Event time of the first observation after the detector's estimated change
+        point (ADWIN's cut); None when the detector gives none or it is out of memory."""
+        if detection.kind != "concept" or detection.since <= 0:
+            return None
+        first = detection.at - detection.since + 1  # observation number, 1-based
+        oldest = self._counts["concept"] - len(self._error_ts) + 1
+        if first < oldest:
+            return None
+        return self._error_ts[first - oldest] or None
+
     @property
     def observed(self) -> dict[str, int]:
         """Observations passed to each kind so far (``concept``, ``data``, ``prediction``)."""
         return dict(self._counts)
 
-    def observe_error(self, error: float) -> list[Detection]:
-        """Concept drift on the prequential error of the serving model."""
+    def observe_error(self, error: float, ts_ms: int = 0) -> list[Detection]:
+        """Concept drift on the prequential error of the serving model (``ts_ms``: the
+        event time of the labelled event, kept to date a detection's change point)."""
         self._counts["concept"] += 1
         if self._concept is None:
             return []
+        self._error_ts.append(ts_ms)
         found = self._concept.update(float(error), self._counts["concept"])
         return [found] if found is not None else []
 
@@ -377,3 +401,64 @@ class DriftMonitor:
                 monitors[name] = _Psi("data", name, spec.threshold, spec.window, spec.bins)
                 monitors[name].adopt(self.reference)
         return monitors
+
+
+# --- confirming a change and dating it -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangePoint:
+    """The most likely single change in the mean of a sequence (CUSUM) and its evidence."""
+
+    index: int  # first observation of the new regime (0-based)
+    before: float  # mean before it
+    after: float  # mean from it on
+    statistic: float  # max |CUSUM| / (sd * sqrt(n)): a Brownian bridge's sup without change
+    p_value: float  # P(sup |bridge| >= statistic) without a change (Kolmogorov's tail)
+
+
+def kolmogorov_tail(x: float) -> float:
+    """P(sup_t |B(t)| >= x) for a Brownian bridge B: the p-value of a CUSUM statistic.
+
+    >>> round(kolmogorov_tail(1.36), 3)  # the familiar 5% point
+    0.049
+    """
+    if x <= 0:
+        return 1.0
+    total = sum((-1) ** (k - 1) * math.exp(-2.0 * k * k * x * x) for k in range(1, 101))
+    return float(min(1.0, max(0.0, 2.0 * total)))
+
+
+def change_point(values: Sequence[float], min_segment: int = 30) -> ChangePoint | None:
+    """Where the mean of ``values`` (e.g. a served model's 0/1 errors in event order) most
+    likely changed, by the CUSUM of deviations from the overall mean; None when the
+    sequence is too short (``2 * min_segment``) or constant. The p-value treats the
+    standardised CUSUM as a Brownian bridge (asymptotically exact for independent
+    observations), so a stationary stream gives ``p_value < alpha`` with probability
+    about ``alpha``.
+
+    >>> errors = [0.0, 0.0, 0.0, 1.0] * 100 + [1.0, 1.0, 0.0, 1.0] * 50
+    >>> cp = change_point(errors)
+    >>> cp.index, cp.before, cp.after, cp.p_value < 1e-6
+    (400, 0.25, 0.75, True)
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n < 2 * min_segment:
+        return None
+    sd = float(x.std())
+    if sd == 0.0:
+        return None
+    cusum = np.cumsum(x - x.mean())[:-1]  # after k observations, k = 1 .. n-1
+    k = np.arange(1, n)
+    usable = (k >= min_segment) & (k <= n - min_segment)
+    scores = np.where(usable, np.abs(cusum), -1.0)
+    split = int(np.argmax(scores)) + 1
+    statistic = float(abs(cusum[split - 1]) / (sd * math.sqrt(n)))
+    return ChangePoint(
+        split,
+        float(x[:split].mean()),
+        float(x[split:].mean()),
+        statistic,
+        kolmogorov_tail(statistic),
+    )

@@ -8,18 +8,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from river import compose, linear_model, metrics, naive_bayes, preprocessing, tree
+from river import compose, linear_model, metrics, naive_bayes, optim, preprocessing, tree
 
 from streamml.schemas.spec import OnlineModelSpec, PipelineSpec
 
 Factory = Callable[[dict[str, Any]], Any]
 
+def _linear(cls: Any) -> Factory:
+    """A river linear model; ``lr`` in the params is plain SGD's learning rate (river's
+    default optimizer, SGD(0.01), otherwise)."""
+
+    def build(params: dict[str, Any]) -> Any:
+        params = dict(params)
+        if "lr" in params:
+            params["optimizer"] = optim.SGD(float(params.pop("lr")))
+        return cls(**params)
+
+    return build
+
+
 MODELS: dict[str, Factory] = {
-    "logistic_regression": lambda p: linear_model.LogisticRegression(**p),
+    "logistic_regression": _linear(linear_model.LogisticRegression),
     "hoeffding_tree": lambda p: tree.HoeffdingTreeClassifier(**p),
     "hoeffding_adaptive_tree": lambda p: tree.HoeffdingAdaptiveTreeClassifier(**p),
     "gaussian_nb": lambda p: naive_bayes.GaussianNB(**p),
-    "linear_regression": lambda p: linear_model.LinearRegression(**p),
+    "linear_regression": _linear(linear_model.LinearRegression),
     "hoeffding_tree_regressor": lambda p: tree.HoeffdingTreeRegressor(**p),
 }
 

@@ -1,24 +1,24 @@
-"""When to retrain, and whether a retrained challenger replaces the champion.
+"""When to retrain.
 
 :class:`RetrainPolicy` turns drift detections, a schedule and manual requests into at
-most one retrain at a time; :func:`judge_challenger` decides a challenger's fate from
-the labelled scores both models earned while serving side by side. Pure: the caller
-passes the clock (``now_s``, any monotonic seconds) and acts on the decisions.
+most one retrain at a time. Pure: the caller passes the clock (``now_s``, any monotonic
+seconds) and acts on the decisions. Which model then serves is decided by
+:func:`streamml.models.decision.decide`, on the predictions each model made.
 
->>> from streamml.schemas.operations import PromotionSpec
->>> rule = PromotionSpec(metric="accuracy", min_delta=0.01, min_labeled_events=100)
->>> judge_challenger(RoleScore("v1", "accuracy", 0.80, 500),
-...                  RoleScore("v2", "accuracy", 0.85, 500), rule).action
-'promote'
+>>> from streamml.schemas.spec import parse_spec
+>>> import yaml, pathlib
+>>> spec = parse_spec(yaml.safe_load(pathlib.Path("pipelines/demo.yaml").read_text()))
+>>> policy = RetrainPolicy(spec)
+>>> policy.on_drift("concept", 1_000, now_s=0.0).retrain
+True
+>>> policy.started(0.0); policy.on_drift("concept", 2_000, now_s=1.0).reason
+'a retrain is in flight'
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from streamml.errors import ModelError
-from streamml.schemas.operations import PromotionSpec
 from streamml.schemas.spec import PipelineSpec
 
 
@@ -51,6 +51,11 @@ class RetrainPolicy:
         self._last_drift_ms: int | None = None
         self._last_started_s: float | None = None
         self._start_s: float | None = None  # the first time the policy was asked
+
+    @property
+    def challenger(self) -> str | None:
+        """The challenger the last retrain deployed, while it awaits its verdict."""
+        return self._challenger
 
     @property
     def busy(self) -> bool:
@@ -134,59 +139,3 @@ class RetrainPolicy:
 
     def _no(self, why: str) -> RetrainDecision:
         return RetrainDecision(False, why, None, self.spec.last_events)
-
-
-@dataclass(frozen=True)
-class RoleScore:
-    """One model's score on the labelled events it served (or shadowed)."""
-
-    version: str
-    metric: str
-    value: float
-    n: int  # labelled events behind the value
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    action: str  # "wait" | "promote" | "archive"
-    reason: str
-
-
-def judge_challenger(
-    champion: RoleScore | None, challenger: RoleScore, promotion: PromotionSpec
-) -> PromotionDecision:
-    """Wait for ``min_labeled_events`` labels on each side; then promote if and only if
-    the challenger beats the champion by more than ``min_delta`` on ``promotion.metric``
-    (lower is better for rmse/mae), else archive. Ties keep the champion. Without a
-    champion score the challenger is promoted once it has enough labels; a non-finite
-    score (e.g. ROC AUC before both classes were seen) waits."""
-    metric, need = promotion.metric, promotion.min_labeled_events
-    for score in (challenger, champion):
-        if score is not None and score.metric != metric:
-            raise ModelError(f"{score.version} is scored on {score.metric!r}, not {metric!r}")
-    if challenger.n < need:
-        return PromotionDecision(
-            "wait", f"challenger {challenger.version}: {challenger.n} of {need} labelled events"
-        )
-    if champion is not None and champion.n < need:
-        return PromotionDecision(
-            "wait", f"champion {champion.version}: {champion.n} of {need} labelled events"
-        )
-    if champion is None:
-        return PromotionDecision("promote", f"no champion score; {metric} {challenger.value:.4f}")
-    if not (math.isfinite(challenger.value) and math.isfinite(champion.value)):
-        return PromotionDecision(
-            "wait", f"{metric} not comparable yet ({challenger.value} vs {champion.value})"
-        )
-    margin = challenger.value - champion.value
-    if promotion.lower_is_better:
-        margin = -margin
-    vs = (
-        f"{metric} {challenger.value:.4f} ({challenger.version}, n={challenger.n}) vs "
-        f"{champion.value:.4f} ({champion.version}, n={champion.n})"
-    )
-    # "more than min_delta" in decimal terms: 0.81 vs 0.80 is not more than 0.01
-    slack = 1e-9 * max(1.0, abs(champion.value), abs(challenger.value))
-    if margin > promotion.min_delta + slack:
-        return PromotionDecision("promote", f"{vs}: better by more than {promotion.min_delta:g}")
-    return PromotionDecision("archive", f"{vs}: not better by more than {promotion.min_delta:g}")

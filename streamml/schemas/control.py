@@ -30,6 +30,9 @@ DEPLOYMENT_ACTIONS = frozenset(
 ACTIONS = DEPLOYMENT_ACTIONS | frozenset(
     {
         "drift_detected",
+        "drift_confirmed",
+        "drift_dismissed",
+        "judged",
         "retrain_requested",
         "trained",
         "evaluated",

@@ -130,7 +130,8 @@ def _demo_errors(seed: int, drift_at: float, n: int = 2000) -> list[Detection]:
         record = validate(spec, json.dumps(example.record).encode(), Source("demo.raw", 0, i, 0))
         assert isinstance(record, Record)
         vector = featurizer.transform(record, state, entities.setdefault(record.entity_key, {}))
-        before = learner.learn(vector, example.label)
+        before = learner.predict(vector)
+        learner.learn(vector, example.label, before)
         error = float(before.predicted_class != str(example.label))
         found += monitor.observe_error(error) + monitor.observe_features(vector)
     return found

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-from streamml.errors import ModelError
-from streamml.models.policy import RetrainPolicy, RoleScore, judge_challenger
-from streamml.schemas.operations import PromotionSpec
+from streamml.models.policy import RetrainPolicy
 from streamml.schemas.spec import PipelineSpec, parse_spec
 
 
@@ -125,86 +118,3 @@ def test_schedule() -> None:
     policy.finished(3800.0, challenger=None)
     assert not policy.scheduled_due(7299.0).retrain  # counted from the last start
     assert policy.scheduled_due(7300.0).retrain
-
-
-# --- judge_challenger ----------------------------------------------------------------------
-
-AUC = PromotionSpec(metric="roc_auc", min_delta=0.01, min_labeled_events=300)
-RMSE = PromotionSpec(metric="rmse", min_delta=0.0, min_labeled_events=300)
-
-
-def test_waits_for_enough_labels_on_both_sides() -> None:
-    champion, good = RoleScore("v1", "roc_auc", 0.70, 1000), RoleScore("v2", "roc_auc", 0.9, 299)
-    assert judge_challenger(champion, good, AUC).action == "wait"
-    low_champion = RoleScore("v1", "roc_auc", 0.70, 120)
-    assert judge_challenger(low_champion, RoleScore("v2", "roc_auc", 0.9, 300), AUC).action == (
-        "wait"
-    )
-    assert judge_challenger(champion, RoleScore("v2", "roc_auc", 0.9, 300), AUC).action == (
-        "promote"
-    )
-
-
-def test_without_a_champion_score_enough_labels_promote() -> None:
-    assert judge_challenger(None, RoleScore("v2", "roc_auc", 0.55, 100), AUC).action == "wait"
-    assert judge_challenger(None, RoleScore("v2", "roc_auc", 0.55, 300), AUC).action == "promote"
-
-
-def test_better_by_min_delta_only_is_not_enough() -> None:
-    champion = RoleScore("v1", "roc_auc", 0.80, 500)
-    assert judge_challenger(champion, RoleScore("v2", "roc_auc", 0.81, 500), AUC).action == (
-        "archive"
-    )
-    decision = judge_challenger(champion, RoleScore("v2", "roc_auc", 0.8101, 500), AUC)
-    assert decision.action == "promote" and "0.8101" in decision.reason
-
-
-def test_a_tie_keeps_the_champion() -> None:
-    rule = PromotionSpec(metric="accuracy", min_delta=0.0, min_labeled_events=0)
-    tie = judge_challenger(
-        RoleScore("v1", "accuracy", 0.9, 10), RoleScore("v2", "accuracy", 0.9, 10), rule
-    )
-    assert tie.action == "archive"
-
-
-def test_lower_is_better_for_error_metrics() -> None:
-    champion = RoleScore("v1", "rmse", 2.0, 400)
-    assert judge_challenger(champion, RoleScore("v2", "rmse", 1.5, 400), RMSE).action == "promote"
-    assert judge_challenger(champion, RoleScore("v2", "rmse", 2.5, 400), RMSE).action == "archive"
-
-
-def test_scores_not_comparable_yet_wait() -> None:
-    champion = RoleScore("v1", "roc_auc", 0.8, 400)
-    nan = RoleScore("v2", "roc_auc", math.nan, 400)
-    assert judge_challenger(champion, nan, AUC).action == "wait"
-
-
-def test_a_score_on_another_metric_is_a_caller_error() -> None:
-    with pytest.raises(ModelError, match="f1"):
-        judge_challenger(None, RoleScore("v2", "f1", 0.9, 400), AUC)
-
-
-@given(
-    champ=st.floats(-1e6, 1e6, allow_nan=False),
-    worse_by=st.floats(0.0, 1e6, allow_nan=False),
-    n_champ=st.integers(0, 10_000),
-    n_chall=st.integers(0, 10_000),
-    metric=st.sampled_from(["roc_auc", "accuracy", "f1", "rmse", "mae"]),
-    min_delta=st.floats(0.0, 1.0, allow_nan=False),
-    need=st.integers(0, 5000),
-)
-def test_a_worse_or_equal_challenger_is_never_promoted(
-    champ: float,
-    worse_by: float,
-    n_champ: int,
-    n_chall: int,
-    metric: str,
-    min_delta: float,
-    need: int,
-) -> None:
-    rule = PromotionSpec(metric=metric, min_delta=min_delta, min_labeled_events=need)  # type: ignore[arg-type]
-    chall = champ + worse_by if rule.lower_is_better else champ - worse_by
-    decision = judge_challenger(
-        RoleScore("v1", metric, champ, n_champ), RoleScore("v2", metric, chall, n_chall), rule
-    )
-    assert decision.action in ("wait", "archive")

@@ -85,11 +85,12 @@ def test_demo_spec_loads_with_its_declared_shape() -> None:
     assert spec.schema_.fields["device"].nullable and not spec.schema_.fields["device"].required
     assert spec.label.field == "is_fraud" and spec.label.positive == "True"
     assert spec.label.ttl_s == 600
-    assert len(spec.features) == 12
-    assert [f.kind for f in spec.features][-3:] == ["window", "window", "last_n"]
+    assert len(spec.features) == 15
+    assert [f.kind for f in spec.features][-6:-3] == ["window", "window", "last_n"]
+    assert [f.kind for f in spec.features][-3:] == ["numeric", "numeric", "onehot"]
     assert spec.exclude == ["amount_x_risk"]
     assert spec.online_model.kind == "logistic_regression"
-    assert spec.online_model.params == {"l2": 0.0}
+    assert spec.online_model.params == {"l2": 0.0, "lr": 0.03}
 
 
 def test_phishing_spec_loads_with_defaults_filled_in() -> None:

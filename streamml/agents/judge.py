@@ -1,0 +1,204 @@
+"""judge: is a drift real and where did it start; which model should serve.
+
+Both read what was served from ClickHouse -- the predictions each model made when the
+event arrived, joined with the labels that came later -- and hand the numbers to the pure
+cores (:func:`streamml.models.drift.change_point`, :func:`streamml.models.decision.decide`).
+
+* :func:`confirm_change`: a detector fired on one partition; over the served model's errors
+  on every partition's latest labelled events, a CUSUM change-point test says whether the
+  error rose significantly and at which event the change began.
+* :func:`review`: every model deployed now (champion, batch challengers, the online model)
+  is compared with the champion on the same labelled events since the change, by a paired
+  bootstrap, and with the trivial baseline on those events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamml.models.decision import Outputs, ServingDecision, decide
+from streamml.models.drift import ChangePoint, change_point
+from streamml.models.online import positive_label
+from streamml.schemas.spec import PipelineSpec
+from streamml.streams.warehouse import QueryResult
+
+Query = Callable[[str], QueryResult]
+CONFIRM_ALPHA = 1e-3  # a change is confirmed when the CUSUM p-value is below this
+MIN_SEGMENT = 50  # labelled events on each side of a change point
+
+
+def _labels_sql(name: str) -> str:
+    return (
+        "SELECT event_id, argMax(label, inserted_at) AS label, "
+        "argMax(label_value, inserted_at) AS label_value "
+        f"FROM labels WHERE pipeline = '{name}' GROUP BY event_id"
+    )
+
+
+def _error(spec: PipelineSpec, predicted: str, score: float, label: str, value: float) -> float:
+    if spec.task == "classification":
+        return 0.0 if predicted == label else 1.0
+    return abs(score - value)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    confirmed: bool
+    change_ts_ms: int | None  # event time of the first event after the change point
+    reason: str
+    point: ChangePoint | None = None
+    events: int = 0
+
+
+def confirm_change(
+    spec: PipelineSpec, query: Query, since_ms: int, last_events: int
+) -> Confirmation:
+    """Test the served model's errors on the latest ``last_events`` labelled events with
+    event time at or after ``since_ms`` for one rise of the error (all partitions, in event
+    time order)."""
+    name = spec.name
+    rows = query(f"""
+        SELECT toUnixTimestamp64Milli(p.ts) AS t, p.predicted_class, p.score, l.label,
+               l.label_value
+        FROM (SELECT event_id, any(ts) AS ts, any(predicted_class) AS predicted_class,
+                     any(score) AS score
+              FROM predictions
+              WHERE pipeline = '{name}' AND served = 1
+                AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
+              GROUP BY event_id) AS p
+        INNER JOIN ({_labels_sql(name)}) AS l ON p.event_id = l.event_id
+        ORDER BY t DESC, p.event_id DESC
+        LIMIT {int(last_events)}""").rows
+    rows = list(reversed(rows))
+    errors = [_error(spec, str(c), float(s), str(lab), float(v)) for _, c, s, lab, v in rows]
+    point = change_point(errors, MIN_SEGMENT)
+    if point is None:
+        return Confirmation(False, None, f"{len(errors)} labelled events: too few to test", None)
+    where = f"error {point.before:.3f} -> {point.after:.3f} at event {point.index} of " + (
+        f"{len(errors)} (CUSUM {point.statistic:.2f}, p={point.p_value:.2g})"
+    )
+    if point.p_value >= CONFIRM_ALPHA or point.after <= point.before:
+        return Confirmation(False, None, f"not confirmed: {where}", point, len(errors))
+    change_ts = int(rows[point.index][0])
+    return Confirmation(True, change_ts, f"confirmed: {where}", point, len(errors))
+
+
+@dataclass
+class Review:
+    """The verdict on each deployed candidate (one paired comparison each)."""
+
+    champion: str
+    events: int
+    promote: ServingDecision | None = None  # the best candidate that qualified
+    below_baseline: ServingDecision | None = None
+    verdicts: dict[str, ServingDecision] = field(default_factory=dict)
+    newest_ts_ms: int = 0
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{v}: {d.action} ({d.reason})" for v, d in self.verdicts.items()]
+        return f"champion {self.champion} on {self.events} labelled events; " + "; ".join(parts)
+
+
+def review(
+    spec: PipelineSpec,
+    query: Query,
+    champion: str,
+    candidates: Sequence[str],
+    since_ms: int,
+    max_events: int,
+    fresh_after_ms: int = 0,
+) -> Review:
+    """Each candidate against the champion on the labelled events (event time at or after
+    ``since_ms``, the latest ``max_events``) that both scored; a promotion also needs
+    ``promotion.min_labeled_events`` of those after ``fresh_after_ms`` (the last
+    promotion), which bounds churn."""
+    name, promo = spec.name, spec.promotion
+    versions = [champion, *candidates]
+    in_list = ", ".join(f"'{v}'" for v in versions)
+    rows = query(f"""
+        SELECT p.event_id, p.model_version, toUnixTimestamp64Milli(p.ts), p.predicted_class,
+               p.score, l.label, l.label_value
+        FROM (SELECT event_id, model_version, any(ts) AS ts,
+                     any(predicted_class) AS predicted_class, any(score) AS score
+              FROM predictions
+              WHERE pipeline = '{name}' AND model_version IN ({in_list})
+                AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
+                AND event_id IN (SELECT event_id FROM predictions WHERE pipeline = '{name}'
+                                 AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
+                                 ORDER BY ts DESC LIMIT {int(max_events)})
+              GROUP BY event_id, model_version) AS p
+        INNER JOIN ({_labels_sql(name)}) AS l ON p.event_id = l.event_id""").rows
+    by_event: dict[str, dict[str, tuple[str, float]]] = {}
+    meta: dict[str, tuple[int, str, float]] = {}
+    for event_id, version, ts, predicted, score, label, value in rows:
+        by_event.setdefault(str(event_id), {})[str(version)] = (str(predicted), float(score))
+        meta[str(event_id)] = (int(ts), str(label), float(value))
+    result = Review(champion, 0, newest_ts_ms=max((m[0] for m in meta.values()), default=0))
+    positive = str(positive_label(spec.label.positive)) if spec.task == "classification" else None
+    regression = spec.task == "regression"
+    for candidate in candidates:
+        ids = sorted(
+            (e for e, models in by_event.items() if champion in models and candidate in models),
+            key=lambda e: meta[e][0],
+        )
+        fresh = sum(1 for e in ids if meta[e][0] > fresh_after_ms)
+        result.events = max(result.events, len(ids))
+        labels: list[str] | list[float]
+        labels = [meta[e][2] for e in ids] if regression else [meta[e][1] for e in ids]
+
+        def outputs(version: str, role: str, ids: list[str] = ids) -> Outputs:
+            return Outputs(
+                version,
+                role,
+                np.array([by_event[e][version][1] for e in ids], dtype=np.float64),
+                [by_event[e][version][0] for e in ids],
+            )
+
+        decision = decide(
+            outputs(champion, "champion"),
+            [outputs(candidate, "candidate")],
+            labels,
+            metric=promo.metric,
+            lower_is_better=promo.lower_is_better,
+            min_delta=promo.min_delta,
+            min_labeled_events=promo.min_labeled_events,
+            positive=positive,
+            task=spec.task,
+        )
+        if decision.action == "promote" and fresh < promo.min_labeled_events:
+            decision = ServingDecision(
+                "wait",
+                champion,
+                f"{fresh} of {promo.min_labeled_events} labelled events since the last "
+                f"promotion ({decision.reason})",
+                decision.table,
+            )
+        result.verdicts[candidate] = decision
+        if decision.action == "promote":
+            best = result.promote
+            if best is None or _low(decision, candidate) > _low(best, best.version):
+                result.promote = decision
+        elif decision.action == "keep_below_baseline":
+            result.below_baseline = decision
+    return result
+
+
+def _low(decision: ServingDecision, version: str) -> float:
+    for row in decision.table:
+        if row.version == version:
+            return row.vs_champion.low
+    return -math.inf
+
+
+def cannot_win(decision: ServingDecision, version: str, min_delta: float) -> bool:
+    """The candidate's upper bound against the champion does not reach ``min_delta``."""
+    for row in decision.table:
+        if row.version == version:
+            high = row.vs_champion.high
+            return math.isfinite(high) and high <= min_delta
+    return False
