@@ -277,9 +277,7 @@ class _Concept:
             window, rising = n, True
         if not (warm and rising):
             return None
-        return Detection(
-            self.spec.detector, "concept", "error", stat, threshold, window, at, since
-        )
+        return Detection(self.spec.detector, "concept", "error", stat, threshold, window, at, since)
 
 
 # --- every monitor of a stream -------------------------------------------------------------

@@ -14,6 +14,7 @@ from streamml.schemas.spec import OnlineModelSpec, PipelineSpec
 
 Factory = Callable[[dict[str, Any]], Any]
 
+
 def _linear(cls: Any) -> Factory:
     """A river linear model; ``lr`` in the params is plain SGD's learning rate (river's
     default optimizer, SGD(0.01), otherwise)."""
