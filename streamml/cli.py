@@ -387,6 +387,39 @@ def _print_demo(report: Any) -> None:
         f"{report.predictions} prediction rows + {report.dead_letter_rows} dead letters "
         "in ClickHouse"
     )
+    if report.recovery is not None:
+        rec = Table(
+            "phase",
+            "events",
+            "served",
+            "majority baseline",
+            "best model not serving",
+            title="served accuracy around the drift, on the same labelled events (ClickHouse)",
+        )
+        for phase in report.recovery.phases:
+            shadow = (
+                f"{phase.best_shadow_accuracy:.3f} ({phase.best_shadow})"
+                if phase.best_shadow
+                else "-"
+            )
+            rec.add_row(
+                f"{phase.name} ({phase.first}-{phase.last})",
+                str(phase.events),
+                f"{phase.served:.3f}",
+                f"{phase.baseline:.3f}",
+                shadow,
+            )
+        console.print(rec)
+        back = report.recovery.recovery_events
+        console.print(
+            "recovery: "
+            + (
+                f"served accuracy over 500 labelled events back at >= 0.85 {back} events "
+                "after the change"
+                if back is not None
+                else "served accuracy never got back to 0.85 over 500 labelled events"
+            )
+        )
     table = Table("minute", "labeled", "accuracy", title="served accuracy per minute (event time)")
     for minute, n, accuracy in report.per_minute:
         table.add_row(str(minute), str(n), f"{accuracy:.3f}")

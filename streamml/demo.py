@@ -24,6 +24,7 @@ from streamml.devstack.worker import WorkerProcess, settings_env
 from streamml.errors import DevStackError
 from streamml.models.registry import Registry
 from streamml.models.synthetic import payments
+from streamml.recovery import Recovery, analyse, served_rows_sql
 from streamml.schemas.catalog import load_pipelines
 from streamml.streams.kafka import ensure_pipeline_topics
 from streamml.streams.producer import produce_examples
@@ -71,6 +72,8 @@ class DemoReport:
     cli: list[tuple[str, str]] = field(default_factory=list)  # (command, output)
     marks: dict[str, float] = field(default_factory=dict)  # label -> event-time minute
     state_dir: Path | None = None  # the demo's own stack: broker data, chDB, registry
+    recovery: Recovery | None = None  # served accuracy around the drift, from ClickHouse
+    seed: int = 0
 
 
 def run_demo(
@@ -97,7 +100,7 @@ def run_demo(
         say(f"starting a worker for pipeline {PIPELINE!r} (log: {worker.log_file}) ...")
         worker.start()
         run_start = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        seed = int(run_start.timestamp())
+        seed = report.seed = int(run_start.timestamp())
         report.run_filter = f"startsWith(event_id, 'pay-{seed}-')"  # this run's events only
         examples = list(
             payments(events, seed=seed, start=run_start, span_s=1200, bad_every=BAD_EVERY)
@@ -374,12 +377,20 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
         FROM metrics FINAL WHERE pipeline = '{PIPELINE}' AND metric = 'accuracy'
         AND window_start >= toStartOfMinute({since}) GROUP BY model_version, role
         ORDER BY min(window_start), role""")
+    _, rows = worker.query(served_rows_sql(PIPELINE, f"pay-{report.seed}-"))
+    typed = [(int(i), str(v), int(sv), str(c), str(lab)) for i, v, sv, c, lab in rows]
+    report.recovery = analyse(typed, report.events, report.events // 2)
     span = 1200 / 60  # the demo's event time runs 20 minutes; the drift is at the middle
     report.marks["concept drift injected"] = span / 2
+    _, confirmed = worker.query(f"""
+        SELECT min(JSONExtractInt(details, 'change_ts_ms')) FROM audit_events FINAL
+        WHERE pipeline = '{PIPELINE}' AND action = 'drift_confirmed' AND ts >= {since}""")
+    start_ms = run_start.timestamp() * 1000
+    if confirmed and confirmed[0][0] and int(confirmed[0][0]) > start_ms:
+        report.marks["change confirmed (dated)"] = (int(confirmed[0][0]) - start_ms) / 60_000
     _, first_drift = worker.query(f"""
         SELECT min(JSONExtractInt(details, 'event_ts_ms')) FROM drift_events FINAL
         WHERE pipeline = '{PIPELINE}' AND kind = 'concept' AND ts >= {since}""")
-    start_ms = run_start.timestamp() * 1000
     if first_drift and first_drift[0][0] and int(first_drift[0][0]) > start_ms:
         report.marks["drift detected"] = (int(first_drift[0][0]) - start_ms) / 60_000
     for label, version_sql in (
@@ -389,10 +400,16 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
             f"AND action = 'promoted' AND ts >= {since} ORDER BY ts LIMIT 1",
         ),
         (
-            "retrained model promoted (loop)",
+            "loop promotes the online model",
             f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
-            f"AND action = 'promoted' AND ts >= {since} AND NOT startsWith(reason, 'demo:') "
-            "ORDER BY ts LIMIT 1",
+            f"AND action = 'promoted' AND ts >= {since} AND startsWith(reason, 'judged') "
+            "AND startsWith(version, 'online') ORDER BY ts LIMIT 1",
+        ),
+        (
+            "loop promotes a retrained model",
+            f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
+            f"AND action = 'promoted' AND ts >= {since} AND startsWith(reason, 'judged') "
+            "AND startsWith(version, 'v') ORDER BY ts LIMIT 1",
         ),
     ):
         _, found = worker.query(version_sql)
@@ -418,22 +435,41 @@ def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None
     # plot each minute at its centre, in minutes since the first event
     offsets = [(m.replace(tzinfo=dt.UTC) - run_start).total_seconds() / 60 + 0.5 for m in minutes]
     accuracy = [float(r[2]) for r in report.per_minute]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(offsets, accuracy, marker="o", label="served accuracy per minute (ClickHouse)")
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.plot(offsets, accuracy, marker="o", alpha=0.5, label="served accuracy per minute")
+    per_event = 1200 / 60 / report.events  # minutes of event time per event
+    if report.recovery is not None and report.recovery.rolling:
+        rolling = report.recovery.rolling
+        ax.plot(
+            [i * per_event for i, _ in rolling],
+            [a for _, a in rolling],
+            color="black",
+            label="served accuracy, last 500 labelled events",
+        )
+        base = report.recovery.baseline_rolling
+        ax.plot(
+            [i * per_event for i, _ in base],
+            [a for _, a in base],
+            color="grey",
+            linestyle="--",
+            label="majority-class baseline, same events",
+        )
     styles = {
         "concept drift injected": ("red", "--"),
         "drift detected": ("orange", ":"),
+        "change confirmed (dated)": ("darkorange", "-"),
         "batch model promoted (CLI)": ("purple", "-."),
-        "retrained model promoted (loop)": ("green", "-."),
+        "loop promotes the online model": ("teal", "-."),
+        "loop promotes a retrained model": ("green", "-."),
     }
     for label, minute in report.marks.items():
         color, style = styles.get(label, ("grey", ":"))
         ax.axvline(minute, color=color, linestyle=style, label=label)
     ax.set_xlabel("event time, minutes since start")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"streamml demo: {report.events} events, drift -> retrain -> promote")
-    ax.legend(loc="lower left")
+    ax.set_ylim(0.4, 1)
+    ax.set_title(f"streamml demo: {report.events} events, drift -> confirm -> judge -> promote")
+    ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

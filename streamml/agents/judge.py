@@ -66,9 +66,9 @@ def confirm_change(
     time order)."""
     name = spec.name
     rows = query(f"""
-        SELECT toUnixTimestamp64Milli(p.ts) AS t, p.predicted_class, p.score, l.label,
+        SELECT toUnixTimestamp64Milli(p.event_ts) AS t, p.predicted_class, p.score, l.label,
                l.label_value
-        FROM (SELECT event_id, any(ts) AS ts, any(predicted_class) AS predicted_class,
+        FROM (SELECT event_id, any(ts) AS event_ts, any(predicted_class) AS predicted_class,
                      any(score) AS score
               FROM predictions
               WHERE pipeline = '{name}' AND served = 1
@@ -125,9 +125,9 @@ def review(
     versions = [champion, *candidates]
     in_list = ", ".join(f"'{v}'" for v in versions)
     rows = query(f"""
-        SELECT p.event_id, p.model_version, toUnixTimestamp64Milli(p.ts), p.predicted_class,
-               p.score, l.label, l.label_value
-        FROM (SELECT event_id, model_version, any(ts) AS ts,
+        SELECT p.event_id, p.model_version, toUnixTimestamp64Milli(p.event_ts),
+               p.predicted_class, p.score, l.label, l.label_value
+        FROM (SELECT event_id, model_version, any(ts) AS event_ts,
                      any(predicted_class) AS predicted_class, any(score) AS score
               FROM predictions
               WHERE pipeline = '{name}' AND model_version IN ({in_list})

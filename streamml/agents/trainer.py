@@ -23,6 +23,7 @@ control topic).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +35,7 @@ from streamml import lifecycle
 from streamml.agents import judge
 from streamml.config import Settings
 from streamml.errors import StreamMLError
+from streamml.models.decision import ServingDecision
 from streamml.models.policy import RetrainPolicy
 from streamml.models.registry import Registry
 from streamml.models.serving import ONLINE, online_version
@@ -306,6 +308,7 @@ class Trainer:
         if result.promote is not None:
             chosen = result.promote.version
             reason = f"judged: {result.promote.reason}"
+            await self._judged(name, "promote", champion, result.promote)
             try:
                 if chosen == online_version(spec):
                     await asyncio.to_thread(lifecycle.serve_online, self.settings, spec, reason)
@@ -328,6 +331,7 @@ class Trainer:
                 n >= GIVE_UP_FACTOR * promo.min_labeled_events
             ):
                 reason = f"judged: cannot beat {champion} by {promo.min_delta:g}: {verdict.reason}"
+                await self._judged(name, "archive", champion, verdict, version)
                 try:
                     await asyncio.to_thread(lifecycle.archive, self.settings, spec, version, reason)
                 except StreamMLError as exc:
@@ -338,11 +342,39 @@ class Trainer:
                     policy.challenger_resolved()
                 self.status[name] = f"{version}: archived ({verdict.reason})"
         if result.below_baseline is not None:
-            await self._below_baseline(name, result.below_baseline.reason)
+            await self._below_baseline(name, champion, result.below_baseline)
 
-    async def _below_baseline(self, name: str, reason: str) -> None:
+    async def _judged(
+        self,
+        name: str,
+        verdict: str,
+        champion: str,
+        decision: ServingDecision,
+        version: str | None = None,
+    ) -> None:
+        """The verdict and every number behind it, in the audit trail (``judged``)."""
+        spec = self.specs[name]
+        event = ControlEvent.new(
+            name,
+            "judged",
+            version=version or decision.version,
+            previous=champion,
+            reason=decision.reason,
+            details={
+                "verdict": verdict,
+                "since_ms": self._since(name),
+                "metric": spec.promotion.metric,
+                "min_delta": spec.promotion.min_delta,
+                "min_labeled_events": spec.promotion.min_labeled_events,
+                "table": [dataclasses.asdict(row) for row in decision.table],
+            },
+        )
+        await control.publish(self.settings, event)
+
+    async def _below_baseline(self, name: str, champion: str, decision: ServingDecision) -> None:
         """The champion loses to the trivial baseline and nothing deployed beats it: say so
         (audit trail) and retrain, at most once per cooldown."""
+        reason = decision.reason
         spec, policy = self.specs[name], self.policies[name]
         now = time.monotonic()
         last = self._below_baseline_at.get(name)
@@ -350,10 +382,7 @@ class Trainer:
             return
         self._below_baseline_at[name] = now
         log.warning("%s: champion below the baseline: %s", name, reason)
-        await control.publish(
-            self.settings,
-            ControlEvent.new(name, "judged", reason=f"champion below the baseline: {reason}"),
-        )
+        await self._judged(name, "below_baseline", champion, decision, champion)
         if not policy.busy and name not in self.pending:
             await self._request(
                 name,

@@ -26,7 +26,6 @@ import dataclasses
 import datetime as dt
 import itertools
 import json
-import re
 import tempfile
 import threading
 import time
@@ -426,12 +425,20 @@ def test_one_drift_episode_triggers_exactly_one_retrain(lab: Lab) -> None:
     assert len(drifts) >= 2 and len(partitions) >= 2, (
         f"the episode should be seen by several partitions: {partitions}"
     )
+    [stream] = lab.streams_of(LOOP)
+
+    # the detections were confirmed, and the change dated, by a test over every partition
+    [confirmed, *_] = lab.audit(LOOP, "drift_confirmed")
+    facts = json.loads(confirmed["details"])
+    change = stream.index(facts["change_ts_ms"])
+    assert facts["p_value"] < 1e-3 and facts["error_after"] > facts["error_before"]
+    assert CHANGE <= change <= CHANGE + 1_500, f"change dated at event {change}"
 
     [request] = lab.audit(LOOP, "retrain_requested")  # exactly one for all those detections
     details = json.loads(request["details"])
     assert details["source"] == "drift"
-    [cause] = [d for d in drifts if d["drift_id"] == request["previous"]]
-    assert details["since_ms"] == cause["details"]["event_ts_ms"]  # trains on the new concept
+    assert details["since_ms"] == facts["change_ts_ms"]  # trains on the new concept only
+    assert stream.index(details["since_ms"]) >= CHANGE  # never on events before the change
 
     # the retrain it asked for: trained -> evaluated -> registered -> shadowed or archived
     [trained] = _wait_rows(lambda: lab.audit(LOOP, "trained"), "the trained row")
@@ -442,32 +449,43 @@ def test_one_drift_episode_triggers_exactly_one_retrain(lab: Lab) -> None:
     [evaluated] = _wait_rows(lambda: lab.audit(LOOP, "evaluated"), "the evaluated row")
     [registered] = _wait_rows(lambda: lab.audit(LOOP, "registered"), "the registered row")
     assert evaluated["version"] == registered["version"] == version
-    assert evaluated["previous"] == online_version(lab.specs[LOOP])  # compared with the online
     deployed = lab.audit(LOOP, "challenger_set") + lab.audit(LOOP, "archived")
     assert deployed and deployed[0]["version"] == version
     print(
         f"\nloop: {len(drifts)} concept detections on partitions {sorted(partitions)} -> "
-        f"1 retrain ({facts['rows']} rows) -> {version} {outcome['stage']}"
+        f"change confirmed at event {change} -> 1 retrain ({facts['rows']} rows) -> "
+        f"{version} {outcome['stage']}"
     )
 
 
 # --- 3. a worse challenger is never promoted --------------------------------------------
 
-VERDICT = re.compile(
-    r"(?P<metric>\w+) (?P<chall>[-\d.]+) \((?P<cv>[^,]+), n=(?P<cn>\d+)\) vs "
-    r"(?P<champ>[-\d.]+) \((?P<pv>[^,]+), n=(?P<pn>\d+)\)"
-)
+
+def _judged(lab: Lab, pipeline: str, verdict: str) -> list[dict[str, Any]]:
+    """The trainer's ``judged`` audit rows with that verdict, numbers parsed."""
+    rows = []
+    for row in lab.audit(pipeline, "judged"):
+        details = json.loads(row["details"])
+        if details["verdict"] == verdict:
+            table = {r["version"]: r for r in details["table"]}
+            rows.append({**row, "facts": details, "table": table})
+    return rows
 
 
-def _verdict(reason: str) -> dict[str, Any]:
-    match = VERDICT.search(reason)
-    assert match, f"no scores in the verdict {reason!r}"
-    return {
-        "challenger": float(match["chall"]),
-        "champion": float(match["champ"]),
-        "n": (int(match["cn"]), int(match["pn"])),
-        "versions": (match["cv"], match["pv"]),
-    }
+def _check_promotion(lab: Lab, pipeline: str, row: dict[str, Any]) -> None:
+    """A promotion's own numbers clear the rule: the paired bound beats the champion by
+    min_delta (or the champion was below the baseline), the baseline is beaten, and the
+    comparison holds enough labelled events."""
+    facts, table, version = row["facts"], row["table"], row["version"]
+    mine, base = table[version], table["baseline"]
+    assert mine["vs_champion"]["n"] >= facts["min_labeled_events"], row["reason"]
+    if "waived" not in row["reason"]:
+        assert mine["vs_champion"]["low"] > facts["min_delta"], row["reason"]
+    else:
+        assert mine["vs_champion"]["low"] > 0, row["reason"]
+    assert mine["value"] > base["value"], row["reason"]
+    if mine["roc_auc"] is not None:
+        assert mine["roc_auc"] > 0.5
 
 
 def _roc_auc(scores: list[float], truths: list[bool]) -> float:
@@ -529,44 +547,30 @@ def _minute_metrics(
 
 @pytest.mark.timeout(600)
 def test_the_loop_never_promotes_a_worse_challenger(lab: Lab) -> None:
+    """Every promotion the trainer made clears its rule on its own numbers, and on a
+    recomputation here over the events it judged the promoted model is not worse; a
+    retrained model that was archived could not beat the champion by min_delta."""
     outcome = _loop_outcome(lab)
     version, spec = outcome["version"], lab.specs[LOOP]
-    rule = spec.promotion
-    assert rule.metric == "roc_auc"  # recomputed below
-    promoted = lab.audit(LOOP, "promoted")
-    if outcome["stage"] == "champion":
-        [row] = _wait_rows(lambda: lab.audit(LOOP, "promoted"), "the promoted row")
-        assert row["version"] == version
-        said = _verdict(row["reason"])  # what the trainer saw when it decided
-        assert said["challenger"] - said["champion"] > rule.min_delta, row["reason"]
-        assert min(said["n"]) >= rule.min_labeled_events
-        # ... and what the warehouse says for the minutes it judged
-        [shadowed] = lab.audit(LOOP, "challenger_set")
-        champion = row["previous"] or online_version(spec)
-        window = (shadowed["ts_ms"], row["ts_ms"])
-        chall, champ, n = _same_events_auc(lab, LOOP, version, champion, *window)
-        minutes = _minute_metrics(lab, LOOP, version, champion, *window)
+    assert spec.promotion.metric == "roc_auc"  # recomputed below
+    promotions = _judged(lab, LOOP, "promote")
+    for row in promotions:
+        _check_promotion(lab, LOOP, row)
+        [promoted] = [r for r in lab.audit(LOOP, "promoted") if r["version"] == row["version"]]
+        window = (row["facts"]["since_ms"], promoted["ts_ms"])
+        new, old, n = _same_events_auc(lab, LOOP, row["version"], row["previous"], *window)
         print(
-            f"\nloop: {version} promoted ({row['reason']}); recomputed on the same {n} "
-            f"labelled events: roc_auc {chall:.4f} vs {champ:.4f}; metrics FINAL {minutes}"
+            f"\nloop: {row['version']} promoted over {row['previous']} ({row['reason']}); "
+            f"recomputed on {n} labelled events: roc_auc {new:.4f} vs {old:.4f}"
         )
-        # Not asserted: this recomputation runs later, over every event scored in the
-        # window with every label that has arrived since, so it is not the set the trainer
-        # judged; with a margin near min_delta on a few hundred events it can go either
-        # way (seen in CI: trainer 0.7230 vs 0.7163 on 488, recomputed 0.7151 vs 0.7270).
-        # A clearly worse challenger is tested below and in tests/unit/models/test_policy.
-        assert n >= rule.min_labeled_events
-    else:
-        assert promoted == []
+        assert new > old - 0.01
+    if outcome["stage"] == "archived":
         [row] = _wait_rows(lambda: lab.audit(LOOP, "archived"), "the archived row")
         assert row["version"] == version
         if lab.audit(LOOP, "challenger_set"):  # judged on traffic by the trainer
-            said = _verdict(row["reason"])
-            assert said["challenger"] - said["champion"] <= rule.min_delta, row["reason"]
-            assert min(said["n"]) >= rule.min_labeled_events
-        else:  # refused at evaluation, before serving anything
-            [evaluated] = lab.audit(LOOP, "evaluated")
-            assert row["reason"] == evaluated["reason"] != ""
+            [verdict] = [r for r in _judged(lab, LOOP, "archive") if r["version"] == version]
+            mine = verdict["table"][version]["vs_champion"]
+            assert mine["high"] <= spec.promotion.min_delta or mine["n"] >= 4 * MIN_LABELED
         print(f"\nloop: {version} archived: {row['reason']}")
         served = f"pipeline = '{LOOP}' AND model_version = '{version}' AND served = 1"
         assert scalar(lab.worker, f"SELECT count() FROM predictions WHERE {served}") == 0
@@ -581,12 +585,13 @@ def test_a_clearly_worse_challenger_is_archived_and_never_promoted(lab: Lab) -> 
     assert lab.registry.get(JUDGED, v).stage == "archived"
     assert lab.registry.champion(JUDGED) is None
     [row] = _wait_rows(lambda: lab.audit(JUDGED, "archived"), "the archived row")
-    said = _verdict(row["reason"])
     print(f"\njudged: {v} archived by the trainer: {row['reason']}")
-    assert said["versions"] == (v, online_version(spec))
-    assert said["challenger"] < said["champion"] - 0.1, row["reason"]  # clearly worse
-    assert min(said["n"]) >= spec.promotion.min_labeled_events
-    assert "not better" in row["reason"]
+    assert "cannot beat" in row["reason"]
+    [verdict] = [r for r in _judged(lab, JUDGED, "archive") if r["version"] == v]
+    assert verdict["previous"] == online_version(spec)
+    mine = verdict["table"][v]
+    assert mine["vs_champion"]["high"] < -0.1, verdict["reason"]  # clearly worse
+    assert mine["vs_champion"]["n"] >= spec.promotion.min_labeled_events
     assert lab.audit(JUDGED, "promoted") == []
     assert lab.stats(JUDGED)["trainer"].startswith(f"{v}: archived")
     # it was scored beside the champion, never served
@@ -689,11 +694,13 @@ def test_a_breached_alert_rule_fires_to_the_table_the_audit_trail_and_the_webhoo
     assert all(b["details"]["rule"] != FLOODS for b in lab.hook.bodies)
 
 
-@pytest.mark.timeout(500)
-def test_a_clearly_better_challenger_is_promoted_while_events_stream(lab: Lab) -> None:
-    """The flipped-label model is brought back as JUDGED's champion (an operator's mistake);
-    a retrain on the true labels shadows it and the trainer promotes the retrained model
-    over it, under load: every event is still served exactly once across both swaps."""
+@pytest.mark.timeout(600)
+def test_a_champion_worse_than_the_baseline_is_replaced_while_events_stream(lab: Lab) -> None:
+    """The flipped-label model is brought back as JUDGED's champion (an operator's mistake).
+    The trainer's review replaces it under load -- by whichever deployed model its paired
+    comparison picks (the online shadow, or a model retrained on request) -- and the
+    promotion clears the rule on its own numbers and on a recomputation here; every event
+    is still served exactly once across the swaps."""
     spec, bad_model = lab.specs[JUDGED], lab.flipped
     assert lab.registry.get(JUDGED, bad_model).stage == "archived"
     lifecycle.promote(lab.settings, spec, bad_model, reason="test: the flipped model serves")
@@ -701,44 +708,40 @@ def test_a_clearly_better_challenger_is_promoted_while_events_stream(lab: Lab) -
         lambda: lab.stats(JUDGED)["deployment"]["champion"]["version"] == bad_model,
         f"the worker to serve {bad_model}",
     )
-    known = {v.version for v in lab.registry.list(JUDGED)}
+    [by_hand] = lab.audit(JUDGED, "promoted")
+    load = lab.stream(JUDGED, 4000, drift_at=1.0)  # 10 s of traffic, across the verdict
     lifecycle.request_retrain(lab.settings, spec, reason="test: replace the bad champion")
 
-    def retrained() -> Any:
-        new = [v for v in lab.registry.list(JUDGED) if v.version not in known]
-        return new[0] if new and new[0].stage != "registered" else None
+    def replaced() -> bool:
+        champion = lab.registry.champion(JUDGED)
+        return champion is None or champion.version != bad_model
 
-    version = wait_until(retrained, "the retrained model to be deployed", timeout_s=180).version
-    assert lab.registry.get(JUDGED, version).stage == "challenger"
-    load = lab.stream(JUDGED, 4000, drift_at=1.0)  # 10 s of traffic, across the verdict
-    lab.feed_until(
-        JUDGED, lambda: lab.registry.get(JUDGED, version).stage != "challenger", 240, 1.0
+    lab.feed_until(JUDGED, replaced, 240, 1.0)
+    [row, *_] = _wait_rows(
+        lambda: [r for r in lab.audit(JUDGED, "promoted") if r["ts_ms"] > by_hand["ts_ms"]],
+        "the trainer's promoted row",
     )
-    assert lab.registry.get(JUDGED, version).stage == "champion"
+    assert row["previous"] == bad_model and row["reason"].startswith("judged")
+    version = row["version"]
+    [verdict] = [r for r in _judged(lab, JUDGED, "promote") if r["version"] == version]
+    assert verdict["previous"] == bad_model
+    _check_promotion(lab, JUDGED, verdict)
+    window = (verdict["facts"]["since_ms"], row["ts_ms"])
+    chall, champ, n = _same_events_auc(lab, JUDGED, version, bad_model, *window)
+    print(
+        f"\njudged: {version} promoted over {bad_model} ({row['reason']}); recomputed on "
+        f"{n} labelled events: roc_auc {chall:.4f} vs {champ:.4f}"
+    )
+    assert chall - champ > spec.promotion.min_delta
     wait_until(
         lambda: lab.stats(JUDGED)["deployment"]["champion"]["version"] == version,
         f"the worker to serve {version}",
     )
-
-    rule = spec.promotion
-    [row] = _wait_rows(lambda: lab.audit(JUDGED, "promoted")[1:], "the trainer's promoted row")
-    assert row["version"] == version and row["previous"] == bad_model
-    said = _verdict(row["reason"])
-    assert said["versions"] == (version, bad_model)
-    assert said["challenger"] - said["champion"] > rule.min_delta
-    assert min(said["n"]) >= rule.min_labeled_events
-    [shadowed] = [r for r in lab.audit(JUDGED, "challenger_set") if r["version"] == version]
-    window = (shadowed["ts_ms"], row["ts_ms"])
-    chall, champ, n = _same_events_auc(lab, JUDGED, version, bad_model, *window)
-    print(
-        f"\njudged: {version} promoted over {bad_model} ({row['reason']}); recomputed on the "
-        f"same {n} labelled events: roc_auc {chall:.4f} vs {champ:.4f}"
-    )
-    assert n >= rule.min_labeled_events and chall - champ > rule.min_delta
-
     load.join()
     by_version = _accounted(lab, JUDGED)
-    assert by_version.keys() == {online_version(spec), bad_model, version}
+    assert {bad_model, version} <= by_version.keys()
+    # the retrained model, if it is still a challenger, is settled before the next test
+    lab.feed_until(JUDGED, lambda: not lab.registry.challengers(JUDGED), 300, 1.0)
 
 
 # --- 7. a failed retrain ---------------------------------------------------------------
