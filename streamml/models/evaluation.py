@@ -1,5 +1,8 @@
 """Evaluation of a trained batch model: metrics, time-series CV, error analysis, the
-promotion decision and a report on disk (JSON, PNG plots, a short Markdown summary)."""
+promotion decision and a report on disk (JSON, PNG plots, a short Markdown summary).
+
+Predicted classes come from :func:`streamml.models.training.classify` with the model's
+decision threshold, as serving decides, so the report describes what will be served."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -23,13 +27,19 @@ from streamml.models.training import (
     Params,
     Splits,
     TrainResult,
+    Trial,
     batch_spec,
+    classify,
+    decision_threshold,
     fit,
     predict,
     prepare,
 )
 from streamml.schemas.operations import LOWER_IS_BETTER, PromotionSpec
 from streamml.schemas.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # --- metrics -----------------------------------------------------------------------------
 
@@ -60,10 +70,14 @@ def roc_auc(positive: npt.NDArray[np.bool_], score: FloatArray) -> float:
 
 
 def classification_metrics(
-    y_true: npt.NDArray[np.int64], proba: FloatArray, positive_index: int | None
+    y_true: npt.NDArray[np.int64],
+    proba: FloatArray,
+    positive_index: int | None,
+    threshold: float | None = None,
 ) -> dict[str, float]:
-    """accuracy, and precision/recall/F1/ROC AUC of the positive class (0.0 if undefined)."""
-    y_pred = proba.argmax(axis=1)
+    """accuracy, and precision/recall/F1/ROC AUC of the positive class (0.0 if undefined);
+    classes are predicted with ``threshold`` (see training.classify)."""
+    y_pred = classify(proba, positive_index, threshold)
     out = {"accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0}
     if positive_index is None:
         return out | {"precision": 0.0, "recall": 0.0, "f1": 0.0, "roc_auc": 0.0}
@@ -83,11 +97,14 @@ def regression_metrics(y_true: FloatArray, y_pred: FloatArray) -> dict[str, floa
     return {"mse": mse, "rmse": math.sqrt(mse), "mae": mae}
 
 
-def metrics_for(data: Dataset, outputs: FloatArray) -> dict[str, float]:
-    """The task's metrics for the model outputs on ``data``."""
+def metrics_for(
+    data: Dataset, outputs: FloatArray, threshold: float | None = None
+) -> dict[str, float]:
+    """The task's metrics for the model outputs on ``data`` (classes cut at ``threshold``)."""
     if data.task == "regression":
         return regression_metrics(data.y.astype(np.float32), outputs)
-    return classification_metrics(data.y.astype(np.int64), outputs, data.positive_index)
+    y_true = data.y.astype(np.int64)
+    return classification_metrics(y_true, outputs, data.positive_index, threshold)
 
 
 # --- time-series cross-validation --------------------------------------------------------
@@ -101,6 +118,7 @@ class FoldResult:
     test_start_ms: int
     test_end_ms: int
     metrics: dict[str, float]
+    threshold: float | None = None  # chosen on the fold's own validation rows
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,8 @@ def time_series_cv(
     epochs: int | None = None,
 ) -> CVResult:
     """Expanding-window CV: fold i trains on the first i of ``folds + 1`` time blocks (its
-    latest share held out for early stopping) and tests on block i + 1."""
+    latest share held out for early stopping and the decision threshold, chosen as train()
+    chooses it) and tests on block i + 1."""
     batch = batch_spec(spec)
     folds = folds or batch.cv_folds
     data = prepare(spec, frame)
@@ -133,10 +152,11 @@ def time_series_cv(
             raise TrainingError(f"fold {i} of {folds} is empty", hint="use fewer cv_folds")
         rows = (slice(0, val_start), slice(val_start, train_end))
         fitted = fit(spec, data, *rows, chosen, trial=i, epochs=epochs)
+        threshold = decision_threshold(spec, fitted.model, data.take(rows[1]))
         test = data.take(slice(train_end, test_end))
-        scores = metrics_for(test, predict(fitted.model, test.X))
+        scores = metrics_for(test, predict(fitted.model, test.X), threshold)
         first, last = int(test.ts_ms[0]), int(test.ts_ms[-1])
-        results.append(FoldResult(i, train_end, len(test), first, last, scores))
+        results.append(FoldResult(i, train_end, len(test), first, last, scores, threshold))
     names = list(results[0].metrics)
     table = np.array([[r.metrics[n] for n in names] for r in results])
     mean = dict(zip(names, table.mean(axis=0).tolist(), strict=True))
@@ -174,20 +194,27 @@ class ErrorCase:
     error: float  # 1 - probability of the true class, or |prediction - label|
 
 
-def row_errors(data: Dataset, outputs: FloatArray) -> tuple[FloatArray, FloatArray]:
+def row_errors(
+    data: Dataset, outputs: FloatArray, threshold: float | None = None
+) -> tuple[FloatArray, FloatArray]:
     """Per row: (wrong 0/1 or abs error, 1 - p(true class) or abs error)."""
     if data.task == "regression":
         err = np.abs(outputs.ravel() - data.y.astype(np.float32))
         return err, err
-    wrong = (outputs.argmax(axis=1) != data.y).astype(np.float32)
+    wrong = (classify(outputs, data.positive_index, threshold) != data.y).astype(np.float32)
     return wrong, 1 - outputs[np.arange(len(data)), data.y.astype(np.int64)]
 
 
 def worst_slices(
-    data: Dataset, outputs: FloatArray, *, min_rows: int = 20, top: int = 10
+    data: Dataset,
+    outputs: FloatArray,
+    *,
+    min_rows: int = 20,
+    top: int = 10,
+    threshold: float | None = None,
 ) -> list[Slice]:
     """Slices of one-hot features (``name=value`` columns) ranked by error, worst first."""
-    errors = row_errors(data, outputs)[0]
+    errors = row_errors(data, outputs, threshold)[0]
     overall = float(errors.mean()) if len(errors) else 0.0
     groups: dict[str, list[tuple[str, int]]] = {}
     for j, name in enumerate(data.feature_names):
@@ -205,9 +232,12 @@ def worst_slices(
     return sorted(found, key=lambda s: (-s.error, -s.rows))[:top]
 
 
-def largest_errors(data: Dataset, outputs: FloatArray, *, top: int = 10) -> list[ErrorCase]:
+def largest_errors(
+    data: Dataset, outputs: FloatArray, *, top: int = 10, threshold: float | None = None
+) -> list[ErrorCase]:
     """The rows the model got most wrong (for classification: misclassified rows only)."""
-    wrong, errors = row_errors(data, outputs)
+    wrong, errors = row_errors(data, outputs, threshold)
+    predicted = classify(outputs, data.positive_index, threshold)
     if data.task == "classification":
         errors = np.where(wrong > 0, errors, -1.0)
     cases = []
@@ -217,7 +247,7 @@ def largest_errors(data: Dataset, outputs: FloatArray, *, top: int = 10) -> list
         if data.task == "regression":
             prediction: Label = float(outputs[i, 0])
         else:
-            prediction = data.classes[int(outputs[i].argmax())]
+            prediction = data.classes[int(predicted[i])]
         label = data.labels[i]
         cases.append(
             ErrorCase(data.event_ids[i], int(data.ts_ms[i]), label, prediction, float(errors[i]))
@@ -274,6 +304,33 @@ def compare(
 
 
 @dataclass(frozen=True)
+class LearningCurve:
+    """The chosen trial's loss per epoch (class-weighted as trained; regression: on the
+    standardised target); ``train_loss[i]`` is epoch ``i + 1``."""
+
+    trial: int
+    best_epoch: int
+    epochs_run: int
+    min_epochs: int  # early stopping could not end the trial before this epoch
+    stopped_early: bool
+    train_loss: list[float]
+    val_loss: list[float]
+
+
+def learning_curve(trial: Trial, history: list[EpochLoss]) -> LearningCurve:
+    epochs = sorted((e for e in history if e.trial == trial.number), key=lambda e: e.epoch)
+    return LearningCurve(
+        trial.number,
+        trial.best_epoch,
+        trial.epochs_run,
+        trial.min_epochs,
+        trial.stopped_early,
+        [e.train_loss for e in epochs],
+        [e.val_loss for e in epochs],
+    )
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     pipeline: str
     task: str
@@ -289,6 +346,10 @@ class EvaluationReport:
     best_trial: int
     decision: Decision | None = None
     residuals: tuple[list[float], list[float]] | None = None  # (prediction, label) per row
+    threshold: float | None = None  # positive iff p(positive_class) >= threshold
+    threshold_metric: str | None = None  # the metric the threshold was chosen for
+    positive_class: str | None = None
+    learning_curve: LearningCurve | None = None
 
 
 def evaluate(
@@ -310,10 +371,11 @@ def evaluate(
     if not len(test):
         raise ModelError("the frame has no rows in or after the test split")
     outputs = predict(result.model, test.X)
-    metrics = metrics_for(test, outputs)
+    threshold = result.threshold
+    metrics = metrics_for(test, outputs, threshold)
     confusion = residuals = None
     if spec.task == "classification":
-        pred = outputs.argmax(axis=1).astype(np.int64)
+        pred = classify(outputs, result.positive_index, threshold)
         confusion = confusion_matrix(test.y.astype(np.int64), pred, result.classes)
     else:
         residuals = (outputs.ravel().tolist(), test.y.astype(np.float32).tolist())
@@ -323,28 +385,34 @@ def evaluate(
         cv = time_series_cv(spec, frame, folds, params=result.best_params, epochs=cv_epochs)
     # the labelled-events bar is for judging a challenger online, not this offline gate
     decision = compare(metrics, champion_metrics, spec.promotion)
-    best = next(t.number for t in result.trials if t.params == result.best_params)
+    best = next(t for t in result.trials if t.params == result.best_params)
+    positive = result.positive_index
     return EvaluationReport(
         pipeline=spec.name,
         task=spec.task,
         metrics=metrics,
         confusion=confusion,
         cv=cv,
-        slices=worst_slices(test, outputs, min_rows=min_slice_rows),
-        errors=largest_errors(test, outputs),
+        slices=worst_slices(test, outputs, min_rows=min_slice_rows, threshold=threshold),
+        errors=largest_errors(test, outputs, threshold=threshold),
         history=result.history,
         splits=result.splits,
         best_params=result.best_params.as_dict(),
         seed=result.seed,
-        best_trial=best,
+        best_trial=best.number,
         decision=decision,
         residuals=residuals,
+        threshold=threshold,
+        threshold_metric=result.threshold_metric,
+        positive_class=None if positive is None else str(result.classes[positive]),
+        learning_curve=learning_curve(best, result.history),
     )
 
 
 def write_report(report: EvaluationReport, out_dir: Path) -> list[Path]:
-    """Write report.json, loss_curves.png, confusion_matrix.png or residuals.png and
-    summary.md into ``out_dir``; return the paths written."""
+    """Write report.json, loss_curves.png (every trial), learning_curve.png (the chosen
+    trial), confusion_matrix.png or residuals.png and summary.md into ``out_dir``; return
+    the paths written."""
     from matplotlib.figure import Figure  # lazy: plotting is only needed here
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -365,6 +433,12 @@ def write_report(report: EvaluationReport, out_dir: Path) -> list[Path]:
     ax.legend(fontsize="small")
     paths.append(out_dir / "loss_curves.png")
     fig.savefig(paths[-1], dpi=100)
+
+    if report.learning_curve is not None:
+        paths.append(out_dir / "learning_curve.png")
+        _plot_learning_curve(report.learning_curve, Figure(figsize=(7, 4))).savefig(
+            paths[-1], dpi=100
+        )
 
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
@@ -393,6 +467,21 @@ def write_report(report: EvaluationReport, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _plot_learning_curve(curve: LearningCurve, fig: Figure) -> Figure:
+    ax = fig.subplots()
+    x = range(1, len(curve.train_loss) + 1)
+    ax.plot(x, curve.train_loss, label="train")
+    ax.plot(x, curve.val_loss, label="validation")
+    ax.axvline(
+        curve.best_epoch, color="black", ls=":", lw=1, label=f"best (epoch {curve.best_epoch})"
+    )
+    if curve.min_epochs > 1:
+        ax.axvspan(0.5, curve.min_epochs + 0.5, color="grey", alpha=0.1, label="no early stop")
+    ax.set(xlabel="epoch", ylabel="loss", title=f"learning curve: trial {curve.trial} (chosen)")
+    ax.legend(fontsize="small")
+    return fig
+
+
 def summary(report: EvaluationReport) -> str:
     """A short Markdown summary a person reads first."""
     s = report.splits
@@ -407,9 +496,17 @@ def summary(report: EvaluationReport) -> str:
     if report.cv is not None:
         cv = ", ".join(f"{k} {v:.4f} ± {report.cv.std[k]:.4f}" for k, v in report.cv.mean.items())
         lines.append(f"- {len(report.cv.folds)}-fold time-series CV: {cv}")
+    if report.threshold is not None:
+        lines.append(
+            f"- decision threshold: {report.positive_class} iff its probability >= "
+            f"{report.threshold:.4f} (chosen on the validation rows for "
+            f"{report.threshold_metric}; metrics and serving use it)"
+        )
     if report.decision is not None:
         verb = "deploy" if report.decision.deploy else "keep the champion"
         lines.append(f"- decision: {verb} ({report.decision.reason})")
+    if report.learning_curve is not None:
+        lines += ["", *_curve_lines(report.learning_curve)]
     if report.slices:
         lines += ["", "Worst slices:", ""]
         lines += [
@@ -424,3 +521,23 @@ def summary(report: EvaluationReport) -> str:
             for e in report.errors[:5]
         ]
     return "\n".join(lines) + "\n"
+
+
+def _curve_lines(curve: LearningCurve, rows: int = 8) -> list[str]:
+    """The learning curve in words and a short table (about ``rows`` epochs)."""
+    n, best = len(curve.train_loss), curve.best_epoch
+    how = "stopped early" if curve.stopped_early else "ran its epoch budget"
+    step = max(1, math.ceil(n / rows))
+    shown = sorted(e for e in {*range(1, n + 1, step), best, n} if 1 <= e <= n)
+    return [
+        f"Learning curve (trial {curve.trial}, learning_curve.png): best validation loss at "
+        f"epoch {best} of {n} ({how}; early stopping allowed from epoch {curve.min_epochs}).",
+        "",
+        "| epoch | train loss | validation loss |",
+        "|---:|---:|---:|",
+        *(
+            f"| {e}{' (best)' if e == best else ''} | {curve.train_loss[e - 1]:.4f} "
+            f"| {curve.val_loss[e - 1]:.4f} |"
+            for e in shown
+        ),
+    ]

@@ -4,6 +4,10 @@ The exported graph has one input ``features`` (float32 ``[n, d]``, in ``feature_
 order) and one output: ``probabilities`` ``[n, k]`` in ``classes`` order for
 classification (``k = 2`` for a binary bce model too), or ``predictions`` ``[n, 1]``
 for regression. The input standardisation is part of the graph.
+
+A binary model's decision threshold travels as metadata (``threshold`` on the
+probability of ``threshold_class``); :class:`OnnxScorer` predicts that class iff its
+probability reaches the threshold, and the most probable class for files without one.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ def output_name(task: str) -> str:
 
 
 def export_onnx(result: TrainResult, path: Path | str) -> None:
-    """Write ``result.model`` as ONNX (dynamic batch axis) with its feature names, classes
-    and task as metadata.
+    """Write ``result.model`` as ONNX (dynamic batch axis) with its feature names, classes,
+    task and (binary classification) decision threshold as metadata.
 
     The graph computes in float64 where onnxruntime can: the trained float32 weights
     convert exactly, and torch and onnxruntime then agree to ~1e-12 instead of differing by
@@ -54,6 +58,10 @@ def export_onnx(result: TrainResult, path: Path | str) -> None:
         "task": result.task,
         "loss": result.loss,
     }
+    if result.threshold is not None and result.positive_index is not None:
+        meta["threshold"] = repr(float(result.threshold))
+        meta["threshold_class"] = str(result.classes[result.positive_index])
+        meta["threshold_metric"] = str(result.threshold_metric)
     onnx.helper.set_model_props(graph, {META + k: v for k, v in meta.items()})
     onnx.save(graph, str(path))
 
@@ -123,7 +131,8 @@ def check_parity(
 
 class OnnxScorer:
     """Serve an exported model: vectors in, :class:`Prediction` out, interchangeable with
-    :meth:`streamml.models.online.OnlineLearner.predict`."""
+    :meth:`streamml.models.online.OnlineLearner.predict`. The decision threshold is read
+    from the file's metadata (:attr:`threshold`, None without one)."""
 
     def __init__(
         self,
@@ -152,11 +161,27 @@ class OnnxScorer:
         self.class_keys = [str(c) for c in classes]
         self.classification = task == "classification"
         self.positive_key = str(positive_label(positive))
+        self.threshold, self.threshold_index = self._threshold(path)
         width = self.session.get_inputs()[0].shape[1]
         if isinstance(width, int) and width != len(self.feature_names):
             raise ModelError(
                 f"ONNX model {path} takes {width} features, {len(self.feature_names)} given"
             )
+
+    def _threshold(self, path: Path | str) -> tuple[float | None, int | None]:
+        """(threshold, index of its class) from the metadata; (None, None) when the file has
+        none or it does not fit this binary model (then the most probable class wins)."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        raw, key = meta.get(META + "threshold"), meta.get(META + "threshold_class")
+        if not self.classification or raw is None or len(self.class_keys) != 2:
+            return None, None
+        if key not in self.class_keys:
+            raise ModelError(f"{path}: threshold class {key!r} is not among {self.class_keys}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ModelError(f"{path}: threshold {raw!r} is not a number") from None
+        return value, self.class_keys.index(key)
 
     @classmethod
     def from_file(
@@ -202,7 +227,12 @@ class OnnxScorer:
         if not self.classification:
             return [Prediction(float(row[0]), "", {}) for row in out]
         keys = self.class_keys
-        best = [keys[j] for j in out.argmax(axis=1).tolist()]
+        if self.threshold_index is not None and self.threshold is not None:
+            t = self.threshold_index
+            chosen = np.where(out[:, t] >= self.threshold, t, 1 - t)
+        else:
+            chosen = out.argmax(axis=1)
+        best = [keys[j] for j in chosen.tolist()]
         positive = keys.index(self.positive_key) if self.positive_key in keys else None
         return [
             Prediction(

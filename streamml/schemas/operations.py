@@ -102,6 +102,12 @@ class BatchModelSpec(_Strict):
     search: SearchSpec | None = None
     onnx: OnnxSpec = OnnxSpec()
     cv_folds: int = Field(default=3, ge=2, le=20)
+    # classification: "balanced" weighs each class's loss by n / (classes * n_class) of the
+    # training split, so a minority class is not drowned out; regression ignores it
+    class_weight: Literal["balanced", "none"] = "balanced"
+    # a trial takes at least this many optimizer steps (minibatches) before early stopping
+    # or the epoch budget ends it: a small window is only a few minibatches per epoch
+    min_steps: int = Field(default=1000, ge=0, le=1_000_000)
 
 
 class PromotionSpec(_Strict):

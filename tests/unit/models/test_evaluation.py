@@ -176,8 +176,14 @@ def test_evaluate_and_write_report_for_classification(tmp_path: Path) -> None:
     assert report.decision is not None and report.decision.deploy  # no champion given
     written = write_report(report, tmp_path / "out")
     names = sorted(p.name for p in written)
-    assert names == ["confusion_matrix.png", "loss_curves.png", "report.json", "summary.md"]
-    for png in ("confusion_matrix.png", "loss_curves.png"):
+    assert names == [
+        "confusion_matrix.png",
+        "learning_curve.png",
+        "loss_curves.png",
+        "report.json",
+        "summary.md",
+    ]
+    for png in ("confusion_matrix.png", "learning_curve.png", "loss_curves.png"):
         assert (tmp_path / "out" / png).read_bytes().startswith(PNG)
     body = json.loads((tmp_path / "out" / "report.json").read_text())
     assert body["metrics"] == pytest.approx(report.metrics)
@@ -200,4 +206,10 @@ def test_evaluate_regression_writes_residuals_and_decides_against_a_champion(
     # (promotion.min_labeled_events) applies when a challenger is judged online
     assert report.decision.deploy and report.decision.margin is not None
     names = sorted(p.name for p in write_report(report, tmp_path))
-    assert names == ["loss_curves.png", "report.json", "residuals.png", "summary.md"]
+    assert names == [
+        "learning_curve.png",
+        "loss_curves.png",
+        "report.json",
+        "residuals.png",
+        "summary.md",
+    ]

@@ -201,7 +201,14 @@ def test_early_stopping_stops_and_restores_the_best_weights() -> None:
     # Pure noise labels: validation loss soon stops improving while training loss falls.
     noise = np.random.default_rng(3).integers(2, size=200).tolist()
     rows = [(e, ts, x, y) for (e, ts, x, _), y in zip(make_rows(200), noise, strict=True)]
-    spec = make_spec(epochs=200, early_stopping_patience=3, hidden=[32], lr=0.05)
+    spec = make_spec(
+        epochs=200,
+        early_stopping_patience=3,
+        hidden=[32],
+        lr=0.05,
+        min_steps=0,
+        class_weight="none",
+    )
     frame = frame_from_rows(rows)
     result = train(spec, frame)
     (trial,) = result.trials
