@@ -47,8 +47,12 @@ SPAN_S = 1200.0  # event time of the whole stream, as in the demo
 LABEL_DELAY = 200
 
 
-def run_seed(seed: int, events: int, rate: float) -> dict[str, float | int | str]:
-    with tempfile.TemporaryDirectory() as tmp:
+def run_seed(
+    seed: int, events: int, rate: float, keep: Path | None = None
+) -> dict[str, float | int | str]:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(keep / f"seed-{seed}") if keep else scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         settings = isolated_settings(Path(tmp))
         broker = LocalBroker(settings)
         broker.up()
@@ -159,12 +163,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--events", type=int, default=24_000)
-    parser.add_argument("--rate", type=float, default=400.0)
+    parser.add_argument("--rate", type=float, default=300.0)
+    parser.add_argument("--keep", type=Path, help="keep each seed's stack and logs here")
     args = parser.parse_args()
     lines = []
     for seed in args.seeds:
         t0 = time.monotonic()
-        line = run_seed(seed, args.events, args.rate)
+        line = run_seed(seed, args.events, args.rate, args.keep)
         line["seconds"] = round(time.monotonic() - t0)
         lines.append(line)
         print(" ".join(f"{k}={v}" for k, v in line.items()), flush=True)

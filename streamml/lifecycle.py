@@ -145,7 +145,9 @@ def champion_metrics(
             if name in index:
                 X[:, index[name]] = test.X[:, j]
         outputs = scorer.predict_batch(X)
-        return entry.version, evaluation.metrics_for(test, _align(outputs, entry, result))
+        threshold = _champion_threshold(scorer, result)
+        aligned = _align(outputs, entry, result)
+        return entry.version, evaluation.metrics_for(test, aligned, threshold)
     version = online_version(spec)
     ids = "','".join(e.replace("'", "") for e in test.event_ids)
     served = _query(settings, query)(
@@ -166,6 +168,17 @@ def champion_metrics(
             [[found[e][1].get(k, 0.0) for k in keys] for e in subset.event_ids], dtype=np.float32
         )
     return version, evaluation.metrics_for(subset, outputs.astype(np.float32))
+
+
+def _champion_threshold(scorer: OnnxScorer, result: training.TrainResult) -> float | None:
+    """The champion's own decision threshold, when it cuts the candidate's positive class
+    (so its metrics are those it serves); otherwise None (most probable class)."""
+    if scorer.threshold is None or scorer.threshold_index is None:
+        return None
+    if result.positive_index is None:
+        return None
+    same = scorer.class_keys[scorer.threshold_index] == str(result.classes[result.positive_index])
+    return scorer.threshold if same else None
 
 
 def _align(outputs: Any, entry: ModelVersion, result: training.TrainResult) -> Any:
@@ -212,6 +225,7 @@ def train_and_register(
                 "rows": len(frame),
                 "best_params": report.best_params,
                 "seed": result.seed,
+                "threshold": result.threshold,
                 "window": {"since_ms": window.since_ms, "until_ms": window.until_ms},
             },
         )
@@ -245,6 +259,9 @@ def train_and_register(
             extra={
                 "parity_max_abs_diff": diff,
                 "champion_compared": champ_version,
+                # binary: positive iff p(positive) >= threshold; the ONNX file carries it too
+                "threshold": result.threshold,
+                "threshold_metric": result.threshold_metric,
                 "reference": drift_reference(spec, result, data),
             },
         )
@@ -381,21 +398,28 @@ def rollback(settings: Settings, spec: PipelineSpec, reason: str) -> str:
     return now
 
 
-def serve_online(settings: Settings, spec: PipelineSpec, reason: str) -> str:
-    """Let the pipeline's online model serve: the batch champion is retired (archived, and
-    still the target of ``rollback``'s history). Returns the online version."""
+def serve_online(
+    settings: Settings, spec: PipelineSpec, reason: str, fresh: str | None = None
+) -> str:
+    """Let the pipeline's online model serve: the batch champion, if any, is retired
+    (archived, and still in ``rollback``'s history). With ``fresh``, the fresh online model
+    started at the last change is promoted: the engines give its weights to the online
+    model. Returns the version promoted."""
     registry = Registry(settings.registry_path)
     before = registry.champion(spec.name)
-    if before is None:
+    if before is None and fresh is None:
         raise RegistryError(f"{spec.name}: the online model serves already")
-    registry.retire_champion(spec.name, reason=reason)
-    now = online_version(spec)
+    if before is not None:
+        registry.retire_champion(spec.name, reason=reason)
+    now = fresh or online_version(spec)
+    previous = before.version if before is not None else online_version(spec)
     events = [
-        ControlEvent.new(
-            spec.name, "promoted", version=now, previous=before.version, reason=reason
-        ),
-        _event(spec, "archived", registry.get(spec.name, before.version), reason="replaced"),
+        ControlEvent.new(spec.name, "promoted", version=now, previous=previous, reason=reason)
     ]
+    if before is not None:
+        events.append(
+            _event(spec, "archived", registry.get(spec.name, before.version), reason="replaced")
+        )
     asyncio.run(control.publish(settings, *events))
     return now
 

@@ -35,6 +35,7 @@ from streamml import telemetry
 from streamml.agents.ingest import ingest
 from streamml.agents.learn import emit_metrics, housekeeping, on_label, snapshot
 from streamml.agents.runtime import (
+    FRESH,
     MODEL,
     STATS,
     WINDOW,
@@ -47,6 +48,7 @@ from streamml.config import Settings
 from streamml.errors import StreamMLError
 from streamml.models import serving
 from streamml.models.drift import Reference
+from streamml.models.online import OnlineLearner
 from streamml.models.registry import Registry
 from streamml.models.serving import ONLINE, Deployment, Slot, online_version
 from streamml.schemas.control import ControlEvent
@@ -103,6 +105,11 @@ class PipelineEngine:
             Slot("champion", ONLINE, rt.spec.online_model.kind, online_version(rt.spec))
         )
         self._reload: ControlEvent | None = None
+        # a fresh online model started at the last confirmed change, shadowing until the
+        # trainer promotes it (its weights then replace the online model's) or a newer
+        # change restarts it; events about it wait here for the next gap between batches
+        self.fresh_version: str | None = None
+        self._fresh_events: list[ControlEvent] = []
 
     # --- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
@@ -144,6 +151,8 @@ class PipelineEngine:
             while True:
                 batch = await consumer.getmany(timeout_ms=100, max_records=s.batch_max_records)
                 async with self._lock:
+                    if self._fresh_events:
+                        await self._apply_fresh()
                     if self._reload is not None:  # between batches: no event scored twice
                         event, self._reload = self._reload, None
                         await self._apply_deployment(event)
@@ -160,7 +169,13 @@ class PipelineEngine:
     # --- deployment ----------------------------------------------------------------
     async def _follow_control(self, following: asyncio.Event) -> None:
         async for event in control.follow(self.settings, following):
-            if event.pipeline == self.rt.name and event.changes_deployment:
+            if event.pipeline != self.rt.name:
+                continue
+            if (event.action == "drift_confirmed" and event.details.get("fresh_version")) or (
+                event.action == "promoted" and event.version == self.fresh_version
+            ):
+                self._fresh_events.append(event)
+            if event.changes_deployment:
                 self._reload = event
 
     async def _apply_deployment(self, event: ControlEvent | None) -> None:
@@ -189,12 +204,62 @@ class PipelineEngine:
         if deployment != self.deployment:
             log.info("%s: now serving %s", rt.name, deployment.describe())
             rt.counters["deployments"] += 1
-        self.deployment = deployment
+        self.deployment = self._with_fresh(deployment)
         if changed:  # data drift is measured against what the serving model learned from
             reference = self._reference()
             for state in rt.states.values():
                 if state.monitor is not None:
                     state.monitor.set_reference(reference)
+
+    def _with_fresh(self, deployment: Deployment) -> Deployment:
+        """The deployment with the fresh online model, if one runs, as a shadow."""
+        if self.fresh_version is None or any(
+            s.version == self.fresh_version for s in deployment.challengers
+        ):
+            return deployment
+        fresh = Slot("shadow", ONLINE, self.rt.spec.online_model.kind, self.fresh_version)
+        return Deployment(deployment.champion, (*deployment.challengers, fresh))
+
+    async def _apply_fresh(self) -> None:
+        """Start a fresh online model in every partition (a change was confirmed), or make
+        the fresh one the pipeline's online model (the trainer promoted it): its weights
+        replace the online model's, which keeps its name, and the fresh slot ends."""
+        assert self._producer is not None
+        events, self._fresh_events = self._fresh_events, []
+        rt = self.rt
+        out = Outbox(self._producer)
+        for event in events:
+            if event.action == "drift_confirmed":
+                version = str(event.details["fresh_version"])
+                self.fresh_version = version
+                for state in rt.states.values():
+                    state.fresh = OnlineLearner(rt.spec, version=version)
+                log.info("%s: fresh online model %s started at the change", rt.name, version)
+            elif self.fresh_version is not None and event.version == self.fresh_version:
+                for state in rt.states.values():
+                    if state.fresh is not None:
+                        state.learner.model = state.fresh.model
+                        state.fresh = None
+                    snapshot(rt, state, out)
+                    out.add(rt.topics["state"], state.partition, FRESH, None)
+                log.info(
+                    "%s: fresh online model %s promoted: its weights serve as %s",
+                    rt.name,
+                    self.fresh_version,
+                    online_version(rt.spec),
+                )
+                self.fresh_version = None
+        self.deployment = self._with_fresh(
+            Deployment(
+                self.deployment.champion,
+                tuple(
+                    s
+                    for s in self.deployment.challengers
+                    if s.kind != ONLINE or s.version == online_version(rt.spec)
+                ),
+            )
+        )
+        await out.flush()
 
     async def _shutdown(self) -> None:
         try:
@@ -478,6 +543,10 @@ class PipelineEngine:
                     monitor.set_reference(self._reference())
                 if MODEL in entries:
                     rt.counters["model_restored"] += 1
+                fresh = rt.states[p].fresh
+                if fresh is not None and self.fresh_version is None:
+                    self.fresh_version = fresh.version  # after a restart: it shadows again
+                    self.deployment = self._with_fresh(self.deployment)
             log.info("%s: partitions %s (restored %s)", rt.name, sorted(mine), new)
             self.ready.set()
 

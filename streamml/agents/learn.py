@@ -16,6 +16,7 @@ from aiokafka import ConsumerRecord
 
 from streamml.agents.runtime import (
     EARLY,
+    FRESH,
     JOIN,
     MODEL,
     Made,
@@ -72,17 +73,20 @@ def learn_one(
     model predicted when the event arrived (``made``, kept with the join state): the open
     minute of each model's metrics, the online model's prequential metrics, and the concept
     drift monitor on the served model's error. Nothing is predicted again here."""
-    learner = state.learner
+    learner, fresh = state.learner, state.fresh
     target = coerce_label(label, learner.classification)
-    own = None
-    served = None
+    own = fresh_own = served = None
     for m in made:
         _account(rt, state, m.version, m.role, m.prediction, target, out)
         if m.version == learner.version:
             own = m.prediction
+        elif fresh is not None and m.version == fresh.version:
+            fresh_own = m.prediction
         if m.served:
             served = m.prediction
     learner.learn(features, target, own)
+    if fresh is not None:
+        fresh.learn(features, target, fresh_own)
     rt.counters["learned"] += 1
     if state.monitor is not None and served is not None:
         error = _error(served, target, learner.classification)
@@ -127,6 +131,8 @@ def _account(
 def snapshot(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> None:
     """Log the partition's online model, so its next owner resumes it."""
     out.add(rt.topics["state"], state.partition, MODEL, state.learner.snapshot())
+    if state.fresh is not None:
+        out.add(rt.topics["state"], state.partition, FRESH, state.fresh.snapshot())
     state.snapshot_at = time.monotonic()
     state.snapshot_learned = state.learner.learned
 

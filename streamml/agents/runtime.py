@@ -29,7 +29,7 @@ from streamml.telemetry import Telemetry
 
 # Changelog keys: a one-letter kind, a colon, then the entity or event id.
 WINDOW, JOIN, EARLY = b"w:", b"j:", b"e:"
-STATS, MODEL = b"s:", b"m:"
+STATS, MODEL, FRESH = b"s:", b"m:", b"f:"  # FRESH: an online model started at a change
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class PartitionState:
     partition: int
     learner: OnlineLearner
     stats: GlobalState
+    fresh: OnlineLearner | None = None  # a new online model started at a confirmed change
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
     # event_id -> (stored at, ms; features; event time, ms; the predictions made then)
     joins: dict[str, tuple[int, dict[str, float], int, list[Made]]] = field(default_factory=dict)
@@ -110,6 +111,9 @@ class PartitionState:
         stats = log.get(STATS)
         state = cls(partition, learner, GlobalState(orjson.loads(stats[0]) if stats else None))
         state.snapshot_learned = learner.learned
+        fresh = log.get(FRESH)
+        if fresh:
+            state.fresh = OnlineLearner.restore(spec, fresh[0])
         state.monitor = DriftMonitor(spec)
         for key, (value, ts_ms) in log.items():
             kind, ident = key[:2], key[2:].decode("utf-8")
@@ -154,3 +158,11 @@ class PipelineRuntime:
     @property
     def learners(self) -> dict[int, OnlineLearner]:
         return {p: s.learner for p, s in sorted(self.states.items())}
+
+    def online(self, state: PartitionState, version: str) -> OnlineLearner | None:
+        """The partition's online model of that version: the pipeline's, or a fresh one."""
+        if state.learner.version == version:
+            return state.learner
+        if state.fresh is not None and state.fresh.version == version:
+            return state.fresh
+        return None

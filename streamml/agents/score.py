@@ -90,8 +90,11 @@ def serve(
             predictions, latency_ms = batch[slot.version]
             prediction = predictions[index]
         else:
+            learner = rt.online(state, slot.version)
+            if learner is None:  # a fresh model this partition has not started (yet)
+                continue
             t0 = time.perf_counter()
-            prediction = state.learner.predict(it.vector)
+            prediction = learner.predict(it.vector)
             latency_ms = (time.perf_counter() - t0) * 1000
         served = slot is canary if canary is not None else slot.role == "champion"
         made.append(Made(slot.version, slot.role, served, prediction))

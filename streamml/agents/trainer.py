@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,9 @@ class Trainer:
         self.reviewed_at: dict[str, float] = {}
         self.verdicts: dict[str, str] = {}  # pipeline -> the last review, in words
         self._below_baseline_at: dict[str, float] = {}
+        self.training: dict[str, asyncio.Task[None]] = {}  # retrains running now
+        self.searched_from: dict[str, int] = {}  # where the last confirmation's test began
+        self.fresh: dict[str, str | None] = {}  # the fresh online model started at the change
 
     async def run(self) -> None:
         if not self.specs:
@@ -109,6 +113,8 @@ class Trainer:
                             await self._guarded(self._on_event(event))
                 await self._guarded(self._tick())
         finally:
+            for task in self.training.values():
+                task.cancel()
             await close_quietly(consumer.stop(), s.request_timeout_s)
 
     async def _guarded(self, step: Awaitable[None]) -> None:
@@ -188,7 +194,8 @@ class Trainer:
         for name in list(self.suspects):
             await self._confirm(name)
         for name, pending in list(self.pending.items()):
-            await self._try_train(name, pending)
+            if name not in self.training:  # one retrain of a pipeline at a time
+                await self._try_train(name, pending)
         for name in self.specs:
             if now - self.reviewed_at.get(name, 0.0) >= REVIEW_EVERY_S:
                 self.reviewed_at[name] = now
@@ -211,9 +218,12 @@ class Trainer:
                 await self._audit(name, "drift_dismissed", found.reason, found)
             return
         self.suspects.pop(name)
+        self.searched_from[name] = self._since(name)
         change = found.change_ts_ms
         log.warning("%s: drift %s", name, found.reason)
-        await self._audit(name, "drift_confirmed", found.reason, found)
+        # the engines start a fresh online model at the change: one more candidate
+        self.fresh[name] = f"{online_version(spec)}-fresh-{uuid.uuid4().hex[:6]}"
+        await self._audit(name, "drift_confirmed", found.reason, found, self.fresh[name])
         self.change_ms[name] = max(change, self.change_ms.get(name, 0))
         decision = policy.on_drift("concept", change, time.monotonic())
         if decision.retrain:
@@ -224,9 +234,17 @@ class Trainer:
             log.info("%s: confirmed drift not retrained: %s", name, decision.reason)
             self.status[name] = f"drift confirmed, not retrained: {decision.reason}"
 
-    async def _audit(self, name: str, action: str, reason: str, found: judge.Confirmation) -> None:
+    async def _audit(
+        self,
+        name: str,
+        action: str,
+        reason: str,
+        found: judge.Confirmation,
+        fresh_version: str | None = None,
+    ) -> None:
         point = found.point
         details = {
+            "fresh_version": fresh_version,
             "change_ts_ms": found.change_ts_ms,
             "events": found.events,
             "error_before": point.before if point else None,
@@ -238,6 +256,27 @@ class Trainer:
             self.settings, ControlEvent.new(name, action, reason=reason, details=details)
         )
 
+    async def _redate(
+        self, name: str, window: lifecycle.Window, have: int
+    ) -> tuple[lifecycle.Window, int]:
+        spec = self.specs[name]
+        found = await asyncio.to_thread(
+            judge.confirm_change,
+            spec,
+            self.query,
+            self.searched_from.pop(name),
+            spec.retrain.last_events,
+        )
+        since = window.since_ms or 0
+        if not found.confirmed or found.change_ts_ms is None or found.change_ts_ms <= since:
+            return window, have
+        log.info(
+            "%s: change re-dated from %d to %d: %s", name, since, found.change_ts_ms, found.reason
+        )
+        self.change_ms[name] = max(found.change_ts_ms, self.change_ms.get(name, 0))
+        redated = dataclasses.replace(window, since_ms=found.change_ts_ms)
+        return redated, await asyncio.to_thread(self._labelled_rows, spec, redated)
+
     def _labelled_rows(self, spec: PipelineSpec, window: lifecycle.Window) -> int:
         sql = f"SELECT count() FROM ({lifecycle.training_sql(spec, window)})"
         return int(self.query(sql).rows[0][0])
@@ -245,6 +284,10 @@ class Trainer:
     async def _try_train(self, name: str, pending: _Pending) -> None:
         spec, policy = self.specs[name], self.policies[name]
         have = await asyncio.to_thread(self._labelled_rows, spec, pending.window)
+        if have >= spec.retrain.min_events and name in self.searched_from:
+            # the change was dated when it was confirmed, from the few labelled events after
+            # it then; with a window's worth of them now, date it again -- only ever later
+            pending.window, have = await self._redate(name, pending.window, have)
         if have < spec.retrain.min_events:
             if time.monotonic() - pending.since > PENDING_GIVE_UP_S:
                 log.warning("%s: gave up waiting for labelled events (%d)", name, have)
@@ -254,6 +297,11 @@ class Trainer:
         self.pending.pop(name)
         self.status[name] = f"training on {have} labelled events"
         log.info("%s: retraining on %d labelled events (%s)", name, have, pending.request.reason)
+        # in the background: the reviews go on judging what serves while it trains
+        self.training[name] = asyncio.create_task(self._train(name, pending))
+
+    async def _train(self, name: str, pending: _Pending) -> None:
+        spec, policy = self.specs[name], self.policies[name]
         try:
             outcome = await asyncio.to_thread(
                 lifecycle.train_and_register,
@@ -271,6 +319,8 @@ class Trainer:
             self.status[name] = f"retraining failed: {exc}"
             policy.finished(time.monotonic(), None)
             return
+        finally:
+            self.training.pop(name, None)
         challenger = (
             outcome.version.version if outcome.deployed_as.startswith("challenger") else None
         )
@@ -282,6 +332,9 @@ class Trainer:
         champion = self.registry.champion(spec.name)
         online = online_version(spec)
         candidates = [c.version for c in self.registry.challengers(spec.name)]
+        fresh = self.fresh.get(spec.name)
+        if fresh:
+            candidates.append(fresh)
         if champion is None:
             return online, candidates
         if spec.serving.challenger == ONLINE or spec.serving.champion == ONLINE:
@@ -312,6 +365,11 @@ class Trainer:
             try:
                 if chosen == online_version(spec):
                     await asyncio.to_thread(lifecycle.serve_online, self.settings, spec, reason)
+                elif chosen == self.fresh.get(name):
+                    await asyncio.to_thread(
+                        lifecycle.serve_online, self.settings, spec, reason, chosen
+                    )
+                    self.fresh[name] = None
                 else:
                     await asyncio.to_thread(lifecycle.promote, self.settings, spec, chosen, reason)
             except StreamMLError as exc:  # e.g. someone changed the registry meanwhile
@@ -324,7 +382,7 @@ class Trainer:
             self.status[name] = f"{chosen}: promoted ({result.promote.reason})"
             return
         for version, verdict in result.verdicts.items():
-            if version == online_version(spec) or verdict.action == "wait":
+            if version in (online_version(spec), self.fresh.get(name)) or verdict.action == "wait":
                 continue
             n = max((r.vs_champion.n for r in verdict.table), default=0)
             if judge.cannot_win(verdict, version, promo.min_delta) or (

@@ -56,7 +56,13 @@ class Prediction:
 class OnlineLearner:
     """One online model and its prequential metrics (test, then train, on every label)."""
 
-    def __init__(self, spec: PipelineSpec, model: Any | None = None, learned: int = 0) -> None:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        model: Any | None = None,
+        learned: int = 0,
+        version: str | None = None,
+    ) -> None:
         self.spec = spec
         self.model = model if model is not None else build_model(spec.online_model)
         self.learned = learned
@@ -64,7 +70,8 @@ class OnlineLearner:
         self.classification = spec.task == "classification"
         self.positive = spec.label.positive
         self.positive_key = str(positive_label(spec.label.positive))
-        self.version = f"online-{spec.spec_hash[:8]}"  # hashing the spec per call is slow
+        # hashing the spec per call is slow; a fresh model started at a change has its own
+        self.version = version or f"online-{spec.spec_hash[:8]}"
 
     def predict(self, x: dict[str, float]) -> Prediction:
         if not self.classification:
@@ -109,12 +116,19 @@ class OnlineLearner:
         return metric_values(self.metrics)
 
     def snapshot(self) -> bytes:
-        return pickle.dumps({"model": self.model, "learned": self.learned, "metrics": self.metrics})
+        return pickle.dumps(
+            {
+                "model": self.model,
+                "learned": self.learned,
+                "metrics": self.metrics,
+                "version": self.version,
+            }
+        )
 
     @classmethod
     def restore(cls, spec: PipelineSpec, blob: bytes) -> OnlineLearner:
         state = pickle.loads(blob)  # our own snapshot from the changelog, not user input
-        learner = cls(spec, state["model"], state["learned"])
+        learner = cls(spec, state["model"], state["learned"], state.get("version"))
         learner.metrics = state["metrics"]
         return learner
 

@@ -7,10 +7,19 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from streamml.models import synthetic
-from streamml.models.drift import SCORE, Detection, DriftMonitor, Reference, psi
+from streamml.models.drift import (
+    SCORE,
+    Detection,
+    DriftMonitor,
+    Reference,
+    change_point,
+    kolmogorov_tail,
+    psi,
+)
 from streamml.models.features import Featurizer, GlobalState
 from streamml.models.online import OnlineLearner
 from streamml.schemas.records import Record, Source, validate
@@ -282,3 +291,59 @@ def test_a_feature_missing_from_the_vectors_is_not_observed() -> None:
     vectors += [{"x": rng.random() + 5} for _ in range(500)]
     # y never fills a window (no constant-0 reference that could fire); x drifts
     assert [(d.target, d.at) for d in _data_hits(monitor, vectors)] == [("x", 2000)]
+
+
+# --- change points: dating and confirming a drift ------------------------------------------
+
+
+def test_a_detection_is_dated_by_the_change_point_test_not_by_adwins_cut() -> None:
+    """ADWIN's cut (carried as ``since``) dates a change too early: its kept window still
+    holds hundreds of pre-change errors. The CUSUM test the trainer runs over the latest
+    errors at the detection dates it within a few dozen events."""
+    spec = load_spec(PIPELINES / "demo.yaml")
+    adwin: list[int] = []
+    cusum: list[int] = []
+    confirmed_after: list[int] = []
+    for seed in range(20):
+        rng = random.Random(seed)
+        monitor = DriftMonitor(spec)
+        errors = [float(rng.random() < 0.1) for _ in range(3000)]
+        errors += [float(rng.random() < 0.4) for _ in range(1000)]
+        for i, error in enumerate(errors):
+            found = monitor.observe_error(error, ts_ms=1_000 + i)
+            if found:
+                assert i >= 3000  # no false alarm here
+                change = monitor.change_ts_ms(found[0])
+                assert change is not None and change <= 1_000 + i
+                adwin.append(change - 1_000 - 3000)
+                for j in range(i, len(errors), 25):  # the trainer re-tests as labels come
+                    point = change_point(errors[: j + 1], min_segment=30)
+                    if point is not None and point.p_value < 1e-3 and point.after > point.before:
+                        cusum.append(point.index - 3000)
+                        confirmed_after.append(j - 3000)
+                        break
+                break
+    assert len(cusum) == 20 and max(confirmed_after) < 400, confirmed_after
+    assert sorted(abs(c) for c in cusum)[-1] < 80, cusum
+    assert sum(abs(a) for a in adwin) > 5 * sum(abs(c) for c in cusum), (adwin, cusum)
+
+
+def test_change_point_finds_a_rise_and_stays_quiet_without_one() -> None:
+    rng = np.random.default_rng(5)
+    alarms = 0
+    for _ in range(300):
+        flat = (rng.random(2000) < 0.1).astype(float)
+        point = change_point(list(flat))
+        assert point is not None
+        alarms += point.p_value < 1e-3
+    assert alarms <= 3  # ~0.1% expected: 0.3 of 300
+    jumped = np.r_[rng.random(1500) < 0.1, rng.random(500) < 0.35].astype(float)
+    point = change_point(list(jumped))
+    assert point is not None and point.p_value < 1e-6
+    assert 1400 <= point.index <= 1560 and point.after > point.before
+
+
+def test_change_point_needs_enough_varying_values() -> None:
+    assert change_point([1.0] * 20) is None
+    assert change_point([0.0] * 500) is None  # constant: nothing to test
+    assert kolmogorov_tail(0.0) == 1.0 and kolmogorov_tail(3.0) < 1e-6
