@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamml.models.decision import Outputs, ServingDecision, decide
+from streamml.models.decision import Outputs, ServingDecision, decide, metric_value
 from streamml.models.drift import ChangePoint, change_point
 from streamml.models.online import positive_label
 from streamml.schemas.spec import PipelineSpec
@@ -183,13 +183,45 @@ def review(
                 decision.table,
             )
         result.verdicts[candidate] = decision
-        if decision.action == "promote":
-            best = result.promote
-            if best is None or _low(decision, candidate) > _low(best, best.version):
-                result.promote = decision
-        elif decision.action == "keep_below_baseline":
+        if decision.action == "keep_below_baseline":
             result.below_baseline = decision
+    qualified = [v for v, d in result.verdicts.items() if d.action == "promote"]
+    if qualified:
+        best = _best(spec, result.verdicts, qualified, by_event, meta, regression)
+        result.promote = result.verdicts[best]
     return result
+
+
+def _best(
+    spec: PipelineSpec,
+    verdicts: dict[str, ServingDecision],
+    qualified: list[str],
+    by_event: dict[str, dict[str, tuple[str, float]]],
+    meta: dict[str, tuple[int, str, float]],
+    regression: bool,
+) -> str:
+    """Of several candidates that qualified, the best on the labelled events all of them
+    scored (each was judged against the champion on its own events: a fresh model only
+    has the latest ones). Too few common events: the highest lower bound decides."""
+    if len(qualified) == 1:
+        return qualified[0]
+    promo = spec.promotion
+    common = [e for e, models in by_event.items() if all(v in models for v in qualified)]
+    if len(common) < promo.min_labeled_events:
+        return max(qualified, key=lambda v: _low(verdicts[v], v))
+    labels = [meta[e][2] for e in common] if regression else [meta[e][1] for e in common]
+    positive = str(positive_label(spec.label.positive)) if not regression else None
+    values = {}
+    for version in qualified:
+        out = Outputs(
+            version,
+            "candidate",
+            np.array([by_event[e][version][1] for e in common], dtype=np.float64),
+            [by_event[e][version][0] for e in common],
+        )
+        values[version] = metric_value(promo.metric, labels, out, positive)
+    sign = -1.0 if promo.lower_is_better else 1.0
+    return max(qualified, key=lambda v: sign * values[v])
 
 
 def _low(decision: ServingDecision, version: str) -> float:

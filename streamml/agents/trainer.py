@@ -52,7 +52,7 @@ Query = Callable[[str], QueryResult]
 TICK_S = 2.0
 PENDING_GIVE_UP_S = 600.0
 CONFIRM_WITHIN_S = 60.0  # a suspicion not confirmed by then is dismissed
-REVIEW_EVERY_S = 5.0
+REVIEW_EVERY_S = 2.0
 GIVE_UP_FACTOR = 4  # a challenger not promoted after this many x min_labeled_events: archived
 
 
@@ -225,6 +225,7 @@ class Trainer:
         self.fresh[name] = f"{online_version(spec)}-fresh-{uuid.uuid4().hex[:6]}"
         await self._audit(name, "drift_confirmed", found.reason, found, self.fresh[name])
         self.change_ms[name] = max(change, self.change_ms.get(name, 0))
+        self.reviewed_at[name] = 0.0  # judge what serves on the events since it, now
         decision = policy.on_drift("concept", change, time.monotonic())
         if decision.retrain:
             await self._request(

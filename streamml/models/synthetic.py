@@ -65,7 +65,7 @@ def payments(
             z = 0.025 * amount + 3.0 * risk - 4.5 + (1.0 if merchant in MERCHANTS[:4] else 0.0)
         else:
             z = -0.02 * amount + 0.45 * items + (1.5 if country in ("NG", "BR") else 0.0) - 3.5
-        fraud = rng.random() < 1 / (1 + math.exp(-3 * z))
+        fraud = rng.random() < _sigmoid(3 * z)
         ts = t0 + dt.timedelta(seconds=i * step_s)
         record = {
             "event_id": f"pay-{seed}-{i}",
@@ -79,6 +79,14 @@ def payments(
             "risk": risk,
         }
         yield Example(user, record, fraud)
+
+
+def _sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for any finite x (a large amount makes |x| huge)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def phishing() -> Iterator[Example]:

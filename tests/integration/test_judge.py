@@ -40,15 +40,21 @@ def _ts(i: int) -> dt.datetime:
     return T0 + dt.timedelta(milliseconds=50 * i)
 
 
-def _write(wh: Warehouse, models: dict[str, tuple[float, float]], served: str) -> None:
+LATE = 2500
+
+
+def _write(wh: Warehouse, models: dict[str, tuple[float, ...]], served: str) -> None:
     """N labelled events (ids ``e-<i>``); each model is right with probability (before,
-    after) the change at CHANGE; ``served`` answered, the others shadowed."""
+    after[, late]) the change at CHANGE (and from LATE on); ``served`` answered, the others
+    shadowed."""
     rng = random.Random(3)
     predictions, labels = [], []
     for i in range(N):
         truth = rng.random() < 0.3
         labels.append(("demo", f"e-{i}", "u", _ts(i), str(truth), float(truth)))
-        for version, (before, after) in models.items():
+        for version, rates in models.items():
+            late = rates[2] if len(rates) > 2 else rates[1]
+            before, after = rates[0], rates[1] if i < LATE else late
             right = rng.random() < (before if i < CHANGE else after)
             said = truth if right else not truth
             score = (0.6 + 0.35 * rng.random()) if said else 0.4 * rng.random()
@@ -130,3 +136,23 @@ def test_recovery_reads_what_was_served(warehouse: Warehouse) -> None:
     assert after.served == pytest.approx(0.6, abs=0.05)
     assert after.best_shadow == "online" and after.best_shadow_accuracy > 0.9
     assert result.recovery_events is None  # v1 served throughout and never recovered
+
+
+def test_of_two_qualifying_candidates_the_better_on_common_events_wins(
+    warehouse: Warehouse, spec: PipelineSpec
+) -> None:
+    """A fresh model exists only for the latest events, where the champion is at its worst,
+    so its bound against the champion is the widest; the online model is better on the
+    events both scored, and it is the one promoted."""
+    models = {"v1": (0.92, 0.85, 0.4), "online": (0.9, 0.9), "fresh": (0.5, 0.8)}
+    _write(warehouse, models, "v1")
+    warehouse.command(
+        "ALTER TABLE predictions DELETE WHERE model_version = 'fresh' "
+        f"AND toUInt64(substring(event_id, 3)) < {LATE}"
+    )
+    since = int(_ts(CHANGE).timestamp() * 1000)
+    result = judge.review(spec, warehouse.query, "v1", ["fresh", "online"], since, 4000)
+    assert {v for v, d in result.verdicts.items() if d.action == "promote"} == {"fresh", "online"}
+    assert result.promote is not None and result.promote.version == "online", result.summary
+    lows = {v: judge._low(d, v) for v, d in result.verdicts.items()}
+    assert lows["fresh"] > lows["online"]  # the highest bound alone would pick the fresh one

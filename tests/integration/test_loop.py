@@ -77,7 +77,7 @@ def _quick(spec: dict[str, Any]) -> None:
     batch = spec["batch_model"]
     batch.pop("search", None)
     batch.update(epochs=15, cv_folds=2, early_stopping_patience=4)
-    spec["promotion"]["min_labeled_events"] = MIN_LABELED
+    spec["promotion"].update(min_labeled_events=MIN_LABELED, metric="roc_auc")
     spec["retrain"].update(min_events=RETRAIN_MIN_EVENTS, cooldown_s=1800, on_drift=True)
     spec["alerts"] = {"rules": []}
 

@@ -349,12 +349,12 @@ def test_demo_spec_declares_a_batch_challenger_in_shadow() -> None:
     assert batch.search is not None and batch.search.method == "random"
     assert batch.search.trials == 2
     assert batch.search.space.axes() == {
-        "lr": [0.0003, 0.001, 0.003],
+        "lr": [0.001, 0.003],
         "hidden": [[32, 16], [64, 32], [16]],
         "weight_decay": [0.0, 0.0001],
     }
     assert batch.onnx.parity_tolerance == 1e-5 and batch.cv_folds == 2
-    assert (spec.promotion.metric, spec.promotion.min_delta) == ("roc_auc", 0.005)
+    assert (spec.promotion.metric, spec.promotion.min_delta) == ("accuracy", 0.005)
     assert spec.promotion.min_labeled_events == 300
     assert (spec.serving.champion, spec.serving.challenger) == ("online", "batch")
     assert spec.serving.challenger_mode == "shadow"
