@@ -74,7 +74,8 @@ class Trainer:
         self.pending: dict[str, _Pending] = {}
         self.registry = Registry(settings.registry_path)
         self.status: dict[str, str] = {name: "idle" for name in self.specs}
-        self.suspects: dict[str, float] = {}  # pipeline -> when a concept drift was reported
+        # pipeline -> (when a concept drift was suspected, event time the test starts from)
+        self.suspects: dict[str, tuple[float, int]] = {}
         self.change_ms: dict[str, int] = {}  # pipeline -> event time of the confirmed change
         self.promoted_upto_ms: dict[str, int] = {}  # newest judged event at the last promotion
         self.reviewed_at: dict[str, float] = {}
@@ -132,7 +133,7 @@ class Trainer:
             kind = str(event.details.get("kind", "concept"))
             if kind == "concept" and kind in policy.spec.kinds:
                 if name not in self.suspects:  # confirmed or dismissed on the next ticks
-                    self.suspects[name] = now
+                    self.suspects[name] = (now, self._since(name))
                     self.status[name] = f"checking a drift ({event.reason})"
                 return
             drift_ts = int(event.details.get("event_ts_ms") or event.ts_ms)
@@ -207,18 +208,19 @@ class Trainer:
 
     async def _confirm(self, name: str) -> None:
         spec, policy = self.specs[name], self.policies[name]
+        suspected_at, search_from = self.suspects[name]
         found = await asyncio.to_thread(
-            judge.confirm_change, spec, self.query, self._since(name), spec.retrain.last_events
+            judge.confirm_change, spec, self.query, search_from, spec.retrain.last_events
         )
         if not found.confirmed or found.change_ts_ms is None:
-            if time.monotonic() - self.suspects[name] > CONFIRM_WITHIN_S:
+            if time.monotonic() - suspected_at > CONFIRM_WITHIN_S:
                 self.suspects.pop(name)
                 log.info("%s: drift dismissed: %s", name, found.reason)
                 self.status[name] = f"drift dismissed ({found.reason})"
                 await self._audit(name, "drift_dismissed", found.reason, found)
             return
         self.suspects.pop(name)
-        self.searched_from[name] = self._since(name)
+        self.searched_from[name] = search_from
         change = found.change_ts_ms
         log.warning("%s: drift %s", name, found.reason)
         # the engines start a fresh online model at the change: one more candidate
@@ -377,6 +379,11 @@ class Trainer:
                 log.warning("%s: could not promote %s: %s", name, chosen, exc)
                 return
             log.warning("%s: promoted %s: %s", name, chosen, result.promote.reason)
+            if name not in self.suspects:
+                # a champion lost its place: if the world changed under it, the served
+                # errors show a rise -- test for it (an online model that adapts hides a
+                # change from the detectors, and a batch model should then be retrained)
+                self.suspects[name] = (time.monotonic(), self._since(name))
             self.promoted_upto_ms[name] = result.newest_ts_ms
             if chosen == policy.challenger:
                 policy.challenger_resolved()

@@ -228,7 +228,7 @@ def test_a_model_trained_from_the_logged_features_is_registered_and_shadows(lab:
     assert outcome.version.version == "v1"
     assert v1.sha256 == hashlib.sha256(v1.artifact.read_bytes()).hexdigest()
     assert v1.feature_names == json.loads(read_metadata(v1.artifact)["feature_names"])
-    assert {"amount_log", "risk", "user_amount_10m_mean"} <= set(v1.feature_names)
+    assert {"amount_log", "risk", "user_amount_1m_mean"} <= set(v1.feature_names)
     assert "amount_x_risk" not in v1.feature_names  # excluded by the spec
     assert (v1.spec_hash, v1.kind, v1.model_name) == (spec.spec_hash, "batch", "mlp")
     assert outcome.parity_max_diff < 1e-5

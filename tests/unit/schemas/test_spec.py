@@ -88,7 +88,7 @@ def test_demo_spec_loads_with_its_declared_shape() -> None:
     assert len(spec.features) == 15
     assert [f.kind for f in spec.features][-6:-3] == ["window", "window", "last_n"]
     assert [f.kind for f in spec.features][-3:] == ["numeric", "numeric", "onehot"]
-    assert spec.exclude == ["amount_x_risk"]
+    assert spec.exclude == ["amount_x_risk", "t"]
     assert spec.online_model.kind == "logistic_regression"
     assert spec.online_model.params == {"l2": 0.0, "lr": 0.03}
 
@@ -195,7 +195,7 @@ def test_duplicate_feature_names() -> None:
 def test_window_feature_needs_an_entity_key() -> None:
     data = _drop(_data(), "schema.entity_key")
     assert _problem(data) == (
-        "(top level): user_amount_10m: per-entity aggregates need schema.entity_key"
+        "(top level): user_amount_1m: per-entity aggregates need schema.entity_key"
     )
 
 
@@ -514,7 +514,7 @@ def test_demo_spec_declares_drift_monitors_retraining_and_alerts() -> None:
     )
     retrain = spec.retrain
     assert (retrain.on_drift, retrain.kinds, retrain.cooldown_s) == (True, ["concept"], 120)
-    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 1500, None)
+    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 2000, None)
     rules = {r.name: (r.metric, r.op, r.threshold, r.window_s) for r in spec.alerts.rules}
     assert rules == {
         "low_accuracy": ("accuracy", "below", 0.6, 120),
@@ -545,7 +545,8 @@ def test_numeric_keys_are_the_non_indicator_keys_the_featurizer_emits() -> None:
         seen |= set(featurizer.transform(record, state, entity))
     assert spec.numeric_keys() == {k for k in seen if "=" not in k and "#" not in k}
     assert "amount_x_risk" not in spec.numeric_keys()  # excluded by the demo
-    assert spec.numeric_keys(selected=False) == spec.numeric_keys() | {"amount_x_risk"}
+    time_keys = {f"t_{s}" for s in ("hour_sin", "hour_cos", "dow_sin", "dow_cos")}
+    assert spec.numeric_keys(selected=False) == spec.numeric_keys() | {"amount_x_risk"} | time_keys
 
 
 def test_data_drift_may_name_a_feature_that_select_leaves_out() -> None:
