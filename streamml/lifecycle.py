@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd  # type: ignore[import-untyped]
 
 from streamml.config import Settings
 from streamml.errors import RegistryError, TrainingError
@@ -194,6 +195,25 @@ def _align(outputs: Any, entry: ModelVersion, result: training.TrainResult) -> A
     return aligned
 
 
+Fit = Callable[[PipelineSpec, pd.DataFrame], training.TrainResult]
+
+
+class _Clock:
+    """Seconds per phase of a retrain, for the log."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self.t))
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.1f} s" for name, s in self.laps)
+
+
 def train_and_register(
     settings: Settings,
     spec: PipelineSpec,
@@ -203,19 +223,25 @@ def train_and_register(
     reason: str = "manual",
     deploy: bool = True,
     query: Query | None = None,
+    fit: Fit | None = None,
 ) -> Outcome:
     """Train, evaluate against the champion, export + parity-check ONNX, register; then
     deploy per the decision (challenger, or champion when the spec serves batch and none
-    exists yet) or archive."""
+    exists yet) or archive. ``fit`` trains on the frame (default: :func:`training.train`
+    here; the trainer role runs it in a process of its own)."""
     if spec.batch_model is None:
         raise TrainingError(f"{spec.name}: the spec has no batch_model section")
     registry = Registry(settings.registry_path)
     cutoff = window.cutoff_ms or int(time.time() * 1000)
     window = Window(window.since_ms, window.until_ms, window.last_events, cutoff)
+    clock = _Clock()
     frame = read_training_rows(settings, spec, window, query)
-    result = training.train(spec, frame, progress=progress)
+    clock.lap("read")
+    result = fit(spec, frame) if fit is not None else training.train(spec, frame, progress=progress)
+    clock.lap("fit")
     champ_version, champ = champion_metrics(settings, spec, registry, result, frame, query)
     report = evaluation.evaluate(spec, result, frame, champion_metrics=champ)
+    clock.lap("evaluate")
     events = [
         ControlEvent.new(
             spec.name,
@@ -265,8 +291,11 @@ def train_and_register(
                 "reference": drift_reference(spec, result, data),
             },
         )
+    clock.lap("export+register")
     report_dir = settings.reports_path / spec.name / version.version
     evaluation.write_report(report, report_dir)
+    clock.lap("report")
+    log.info("%s %s: %d rows, %s", spec.name, version.version, len(frame), clock)
     decision = report.decision
     assert decision is not None
     events.append(

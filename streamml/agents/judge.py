@@ -117,8 +117,9 @@ def review(
     max_events: int,
     fresh_after_ms: int = 0,
 ) -> Review:
-    """Each candidate against the champion on the labelled events (event time at or after
-    ``since_ms``, the latest ``max_events``) that both scored; a promotion also needs
+    """Each candidate against the champion on the latest ``max_events`` labelled events
+    (event time at or after ``since_ms``) that the champion scored, those it scored too:
+    a model that adapts is judged on what it does now. A promotion also needs
     ``promotion.min_labeled_events`` of those after ``fresh_after_ms`` (the last
     promotion), which bounds churn."""
     name, promo = spec.name, spec.promotion
@@ -134,7 +135,7 @@ def review(
                 AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
                 AND event_id IN (SELECT event_id FROM predictions WHERE pipeline = '{name}'
                                  AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
-                                 ORDER BY ts DESC LIMIT {int(max_events)})
+                                 ORDER BY ts DESC LIMIT {2 * int(max_events) + 1000})
               GROUP BY event_id, model_version) AS p
         INNER JOIN ({_labels_sql(name)}) AS l ON p.event_id = l.event_id""").rows
     by_event: dict[str, dict[str, tuple[str, float]]] = {}
@@ -145,11 +146,13 @@ def review(
     result = Review(champion, 0, newest_ts_ms=max((m[0] for m in meta.values()), default=0))
     positive = str(positive_label(spec.label.positive)) if spec.task == "classification" else None
     regression = spec.task == "regression"
+    # the window: the latest max_events labelled events the champion scored, the same
+    # events for every candidate (a candidate deployed later is judged on its part of it)
+    window = sorted(
+        (e for e, models in by_event.items() if champion in models), key=lambda e: (meta[e][0], e)
+    )[-int(max_events) :]
     for candidate in candidates:
-        ids = sorted(
-            (e for e, models in by_event.items() if champion in models and candidate in models),
-            key=lambda e: meta[e][0],
-        )
+        ids = [e for e in window if candidate in by_event[e]]
         fresh = sum(1 for e in ids if meta[e][0] > fresh_after_ms)
         result.events = max(result.events, len(ids))
         labels: list[str] | list[float]

@@ -25,17 +25,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import multiprocessing
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import pandas as pd  # type: ignore[import-untyped]
 from aiokafka import AIOKafkaConsumer
 
 from streamml import lifecycle
 from streamml.agents import judge
 from streamml.config import Settings
 from streamml.errors import StreamMLError
+from streamml.models import training
 from streamml.models.decision import ServingDecision
 from streamml.models.policy import RetrainPolicy
 from streamml.models.registry import Registry
@@ -53,7 +57,7 @@ TICK_S = 2.0
 PENDING_GIVE_UP_S = 600.0
 CONFIRM_WITHIN_S = 60.0  # a suspicion not confirmed by then is dismissed
 REVIEW_EVERY_S = 2.0
-GIVE_UP_FACTOR = 4  # a challenger not promoted after this many x min_labeled_events: archived
+GIVE_UP_REVIEWS = 10  # a challenger not qualified on this many full-window reviews: archived
 
 
 @dataclass
@@ -80,8 +84,11 @@ class Trainer:
         self.promoted_upto_ms: dict[str, int] = {}  # newest judged event at the last promotion
         self.reviewed_at: dict[str, float] = {}
         self.verdicts: dict[str, str] = {}  # pipeline -> the last review, in words
+        self._last_actions: dict[str, dict[str, str]] = {}
+        self._full_reviews: dict[str, int] = {}  # challenger -> reviews on a full window
         self._below_baseline_at: dict[str, float] = {}
         self.training: dict[str, asyncio.Task[None]] = {}  # retrains running now
+        self._pool: ProcessPoolExecutor | None = None  # where models are fitted
         self.searched_from: dict[str, int] = {}  # where the last confirmation's test began
         self.fresh: dict[str, str | None] = {}  # the fresh online model started at the change
 
@@ -101,6 +108,7 @@ class Trainer:
         await bounded(
             "start the trainer", s.bootstrap_servers, consumer.start(), s.request_timeout_s
         )
+        self._fitter()
         try:
             while True:
                 batch = await consumer.getmany(timeout_ms=int(TICK_S * 1000))
@@ -116,6 +124,8 @@ class Trainer:
         finally:
             for task in self.training.values():
                 task.cancel()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
             await close_quietly(consumer.stop(), s.request_timeout_s)
 
     async def _guarded(self, step: Awaitable[None]) -> None:
@@ -313,6 +323,7 @@ class Trainer:
                 pending.window,
                 reason=f"{pending.request.reason} [{pending.request.event_id}]",
                 query=self.query,
+                fit=self._fit,
             )
         except Exception as exc:  # whatever failed, the next request must be able to run
             if isinstance(exc, StreamMLError):
@@ -329,6 +340,17 @@ class Trainer:
         )
         policy.finished(time.monotonic(), challenger)
         self.status[name] = f"{outcome.version.version}: {outcome.deployed_as}"
+
+    def _fit(self, spec: PipelineSpec, frame: pd.DataFrame) -> training.TrainResult:
+        """Train in a process of its own: in the worker's process the training loop and the
+        stream fight over the GIL (a retrain measured 3-4x slower there than alone)."""
+        return self._fitter().submit(training.train, spec, frame).result()
+
+    def _fitter(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool.submit(training.ready)  # torch imported before the first retrain
+        return self._pool
 
     def _deployed(self, spec: PipelineSpec) -> tuple[str, list[str]]:
         """The serving champion's version and every other model scoring beside it."""
@@ -350,6 +372,7 @@ class Trainer:
         if not candidates:
             return
         promo = spec.promotion
+        t0 = time.perf_counter()
         result = await asyncio.to_thread(
             judge.review,
             spec,
@@ -357,9 +380,19 @@ class Trainer:
             champion,
             candidates,
             self._since(name),
-            max(GIVE_UP_FACTOR * promo.min_labeled_events, spec.retrain.last_events),
+            promo.window,
             self.promoted_upto_ms.get(name, 0),
         )
+        actions: dict[str, str] = {v: d.action for v, d in result.verdicts.items()}
+        if actions != self._last_actions.get(name):
+            log.info(
+                "%s: review (%.0f ms) since %d: %s",
+                name,
+                (time.perf_counter() - t0) * 1000,
+                self._since(name),
+                result.summary,
+            )
+            self._last_actions[name] = actions
         self.verdicts[name] = result.summary
         if result.promote is not None:
             chosen = result.promote.version
@@ -393,9 +426,10 @@ class Trainer:
             if version in (online_version(spec), self.fresh.get(name)) or verdict.action == "wait":
                 continue
             n = max((r.vs_champion.n for r in verdict.table), default=0)
-            if judge.cannot_win(verdict, version, promo.min_delta) or (
-                n >= GIVE_UP_FACTOR * promo.min_labeled_events
-            ):
+            full = self._full_reviews[version] = self._full_reviews.get(version, 0) + (
+                n >= promo.window
+            )
+            if judge.cannot_win(verdict, version, promo.min_delta) or full >= GIVE_UP_REVIEWS:
                 reason = f"judged: cannot beat {champion} by {promo.min_delta:g}: {verdict.reason}"
                 await self._judged(name, "archive", champion, verdict, version)
                 try:

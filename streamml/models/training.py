@@ -351,6 +351,11 @@ class TrainResult:
     threshold_metric: str | None = None
 
 
+def ready() -> bool:
+    """Nothing; calling it in a fresh process imports torch and this module ahead of use."""
+    return True
+
+
 def plan_trials(batch: BatchModelSpec) -> list[Params]:
     """The parameter sets a search tries, in order (just the spec's values without search)."""
     base = Params.of(batch)

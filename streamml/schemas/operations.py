@@ -116,10 +116,18 @@ class PromotionSpec(_Strict):
     metric: PromotionMetric = "roc_auc"  # when omitted: the first of TASK_METRICS for the task
     min_delta: float = Field(default=0.0, ge=0)
     min_labeled_events: int = Field(default=500, ge=0)
+    # judge on the latest this many labelled events since the change (None: 3 x
+    # min_labeled_events): a model that adapts is judged on what it does now
+    judge_events: int | None = Field(default=None, ge=1)
 
     @property
     def lower_is_better(self) -> bool:
         return self.metric in LOWER_IS_BETTER
+
+    @property
+    def window(self) -> int:
+        """Labelled events a review judges on: the latest since the change."""
+        return self.judge_events or max(3 * self.min_labeled_events, 100)
 
 
 class ServingSpec(_Strict):
