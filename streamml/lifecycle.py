@@ -195,7 +195,10 @@ def _align(outputs: Any, entry: ModelVersion, result: training.TrainResult) -> A
     return aligned
 
 
-Fit = Callable[[PipelineSpec, pd.DataFrame], training.TrainResult]
+# train + cross-validate (evaluation.fit_and_validate, or the same in another process)
+Fit = Callable[
+    [PipelineSpec, pd.DataFrame], tuple[training.TrainResult, evaluation.CVResult | None]
+]
 
 
 class _Clock:
@@ -237,10 +240,14 @@ def train_and_register(
     clock = _Clock()
     frame = read_training_rows(settings, spec, window, query)
     clock.lap("read")
-    result = fit(spec, frame) if fit is not None else training.train(spec, frame, progress=progress)
+    cv = None
+    if fit is not None:
+        result, cv = fit(spec, frame)
+    else:
+        result = training.train(spec, frame, progress=progress)
     clock.lap("fit")
     champ_version, champ = champion_metrics(settings, spec, registry, result, frame, query)
-    report = evaluation.evaluate(spec, result, frame, champion_metrics=champ)
+    report = evaluation.evaluate(spec, result, frame, champion_metrics=champ, cv=cv)
     clock.lap("evaluate")
     events = [
         ControlEvent.new(

@@ -34,6 +34,7 @@ from streamml.models.training import (
     fit,
     predict,
     prepare,
+    train,
 )
 from streamml.schemas.operations import LOWER_IS_BETTER, PromotionSpec
 from streamml.schemas.spec import PipelineSpec
@@ -361,10 +362,12 @@ def evaluate(
     cv_epochs: int | None = None,
     champion_metrics: Mapping[str, float] | None = None,
     min_slice_rows: int = 20,
+    cv: CVResult | None = None,
 ) -> EvaluationReport:
     """Score ``result`` on the rows of ``frame`` from the start of its test split on (all
     rows the model never trained on) and decide against ``champion_metrics`` (measured on
-    the same rows); ``cv_folds=0`` skips cross-validation."""
+    the same rows); ``cv_folds=0`` skips cross-validation, ``cv`` passes one already run
+    (:func:`fit_and_validate`)."""
     data = prepare(spec, frame, feature_names=result.feature_names, classes=result.classes)
     start = int(np.searchsorted(data.ts_ms, result.splits.test.ts_min_ms, side="left"))
     test = data.take(slice(start, None))
@@ -380,8 +383,7 @@ def evaluate(
     else:
         residuals = (outputs.ravel().tolist(), test.y.astype(np.float32).tolist())
     folds = batch_spec(spec).cv_folds if cv_folds is None else cv_folds
-    cv = None
-    if folds:
+    if folds and cv is None:
         cv = time_series_cv(spec, frame, folds, params=result.best_params, epochs=cv_epochs)
     # the labelled-events bar is for judging a challenger online, not this offline gate
     decision = compare(metrics, champion_metrics, spec.promotion)
@@ -407,6 +409,17 @@ def evaluate(
         positive_class=None if positive is None else str(result.classes[positive]),
         learning_curve=learning_curve(best, result.history),
     )
+
+
+def fit_and_validate(
+    spec: PipelineSpec, frame: pd.DataFrame
+) -> tuple[TrainResult, CVResult | None]:
+    """Train, then cross-validate the chosen parameters: the costly part of a retrain, in
+    one call that a process of its own can run."""
+    result = train(spec, frame)
+    folds = batch_spec(spec).cv_folds
+    cv = time_series_cv(spec, frame, folds, params=result.best_params) if folds else None
+    return result, cv
 
 
 def write_report(report: EvaluationReport, out_dir: Path) -> list[Path]:

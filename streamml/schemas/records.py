@@ -123,11 +123,17 @@ def _parse(payload: bytes) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:  # NaN/Infinity literals are not JSON, but Python producers write them
-        return json.loads(payload)
+        value = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _Reject("malformed_json", f"not valid JSON: {str(exc)[:200]}") from None
     except RecursionError:
         raise _Reject("malformed_json", "JSON nested too deeply") from None
+    try:  # e.g. a lone surrogate escape ("\ud800"): Python reads it, no UTF-8 can carry it
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        if "surrogates" in str(exc) or "UTF-8" in str(exc):
+            raise _Reject("invalid_string", f"a string is not valid Unicode: {exc}") from None
+    return value
 
 
 def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
