@@ -163,7 +163,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--events", type=int, default=24_000)
-    parser.add_argument("--rate", type=float, default=300.0)
+    parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--keep", type=Path, help="keep each seed's stack and logs here")
     args = parser.parse_args()
     lines = []

@@ -31,7 +31,7 @@ from streamml.streams.producer import produce_examples
 
 PIPELINE = "demo"
 BAD_EVERY = 250
-RATE = 300.0  # events/s: slow enough that the loop closes while the stream still runs
+RATE = 200.0  # events/s: slow enough that the loop closes while the stream still runs
 
 
 @dataclass

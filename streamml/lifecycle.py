@@ -300,9 +300,6 @@ def train_and_register(
         )
     clock.lap("export+register")
     report_dir = settings.reports_path / spec.name / version.version
-    evaluation.write_report(report, report_dir)
-    clock.lap("report")
-    log.info("%s %s: %d rows, %s", spec.name, version.version, len(frame), clock)
     decision = report.decision
     assert decision is not None
     events.append(
@@ -321,6 +318,10 @@ def train_and_register(
         deployed_as, event = _deploy(registry, spec, version, decision.deploy, decision.reason)
         events.append(event)
     asyncio.run(control.publish(settings, *events))
+    # the report after the model is out: its pictures take seconds the loop need not wait
+    evaluation.write_report(report, report_dir)
+    clock.lap("deploy+report")
+    log.info("%s %s: %d rows, %s", spec.name, version.version, len(frame), clock)
     return Outcome(
         registry.get(spec.name, version.version),
         report,

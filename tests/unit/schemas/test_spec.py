@@ -514,7 +514,7 @@ def test_demo_spec_declares_drift_monitors_retraining_and_alerts() -> None:
     )
     retrain = spec.retrain
     assert (retrain.on_drift, retrain.kinds, retrain.cooldown_s) == (True, ["concept"], 120)
-    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 1500, None)
+    assert (retrain.last_events, retrain.min_events, retrain.interval_s) == (4000, 2000, None)
     rules = {r.name: (r.metric, r.op, r.threshold, r.window_s) for r in spec.alerts.rules}
     assert rules == {
         "low_accuracy": ("accuracy", "below", 0.6, 120),
