@@ -2,4 +2,5 @@
 
 from streamml.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned process (the trainer's fitter) imports it
+    main()

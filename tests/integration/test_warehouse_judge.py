@@ -1,5 +1,9 @@
 """The trainer's judge on real chDB: a change confirmed and dated from served errors, and
-the paired review of deployed models, over rows written as the sink writes them."""
+the paired review of deployed models, over rows written as the sink writes them.
+
+It opens the session's chDB in this process, which then cannot open another path: like
+test_warehouse.py, it must run after the modules whose own workers or lifecycle calls open
+theirs (pytest runs modules in name order)."""
 
 from __future__ import annotations
 
