@@ -438,22 +438,13 @@ def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.plot(offsets, accuracy, marker="o", alpha=0.5, label="served accuracy per minute")
     per_event = 1200 / 60 / report.events  # minutes of event time per event
-    if report.recovery is not None and report.recovery.rolling:
-        rolling = report.recovery.rolling
-        ax.plot(
-            [i * per_event for i, _ in rolling],
-            [a for _, a in rolling],
-            color="black",
-            label="served accuracy, last 500 labelled events",
-        )
-        base = report.recovery.baseline_rolling
-        ax.plot(
-            [i * per_event for i, _ in base],
-            [a for _, a in base],
-            color="grey",
-            linestyle="--",
-            label="majority-class baseline, same events",
-        )
+    if report.recovery is not None:
+        for series, style, label in (
+            (report.recovery.rolling, "-k", "served accuracy, last 500 labelled events"),
+            (report.recovery.baseline_rolling, "--", "majority-class baseline, same events"),
+        ):
+            points = [(i * per_event, a) for i, a in series]
+            ax.plot([x for x, _ in points], [y for _, y in points], style, label=label)
     styles = {
         "concept drift injected": ("red", "--"),
         "drift detected": ("orange", ":"),
