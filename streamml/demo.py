@@ -393,32 +393,28 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
         WHERE pipeline = '{PIPELINE}' AND kind = 'concept' AND ts >= {since}""")
     if first_drift and first_drift[0][0] and int(first_drift[0][0]) > start_ms:
         report.marks["drift detected"] = (int(first_drift[0][0]) - start_ms) / 60_000
-    for label, version_sql in (
-        (
-            "batch model promoted (CLI)",
-            f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
-            f"AND action = 'promoted' AND ts >= {since} ORDER BY ts LIMIT 1",
-        ),
+    for label, which in (
+        ("batch model promoted (CLI)", "startsWith(reason, 'demo:')"),
         (
             "loop promotes the online model",
-            f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
-            f"AND action = 'promoted' AND ts >= {since} AND startsWith(reason, 'judged') "
-            "AND startsWith(version, 'online') ORDER BY ts LIMIT 1",
+            "startsWith(reason, 'judged') AND startsWith(version, 'online')",
         ),
         (
             "loop promotes a retrained model",
-            f"SELECT version FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' "
-            f"AND action = 'promoted' AND ts >= {since} AND startsWith(reason, 'judged') "
-            "AND startsWith(version, 'v') ORDER BY ts LIMIT 1",
+            "startsWith(reason, 'judged') AND startsWith(version, 'v')",
         ),
     ):
-        _, found = worker.query(version_sql)
-        if not found:
+        _, promoted = worker.query(f"""
+            SELECT toUnixTimestamp64Milli(ts) FROM audit_events FINAL
+            WHERE pipeline = '{PIPELINE}' AND action = 'promoted' AND ts >= {since}
+              AND {which} ORDER BY ts LIMIT 1""")
+        if not promoted:
             continue
+        # where it took effect: the event time of the first answer served after it
         _, first = worker.query(f"""
             SELECT toUnixTimestamp64Milli(min(ts)) FROM predictions
             WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1
-            AND model_version = '{found[0][0]}'""")
+              AND inserted_at >= fromUnixTimestamp64Milli({int(promoted[0][0])})""")
         if first and first[0][0] and int(first[0][0]) > start_ms:
             report.marks[label] = (int(first[0][0]) - start_ms) / 60_000
 
