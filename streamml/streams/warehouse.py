@@ -193,15 +193,49 @@ class Warehouse:
         return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str]) -> int:
-        """Insert rows (one INSERT); return how many were written."""
+        """Insert rows; return how many were written. Every table is partitioned by the
+        day of its time column, and ClickHouse refuses one INSERT touching more than
+        ``max_partitions_per_insert_block`` (100) partitions, so a batch spanning more days
+        (a backfill of years) goes in as several INSERTs of at most that many days each."""
         if not rows:
             return 0
+        names = list(column_names)
+        key = next((names.index(c) for c in PARTITION_COLUMNS if c in names), None)
+        blocks = [list(rows)] if key is None else partition_blocks(rows, key)
         try:
             with self._lock:
-                self.client.insert(table, list(rows), column_names=list(column_names))
+                for block in blocks:
+                    self.client.insert(table, block, column_names=names)
         except ClickHouseError as exc:
             raise WarehouseError(f"insert into {table} failed: {_first_line(exc)}") from exc
         return len(rows)
+
+
+PARTITION_COLUMNS = ("window_start", "ts")  # PARTITION BY toDate(<this>) in the DDL
+MAX_PARTITIONS_PER_INSERT = 100  # ClickHouse's max_partitions_per_insert_block default
+
+
+def partition_blocks(
+    rows: Sequence[Sequence[Any]], key: int, limit: int = MAX_PARTITIONS_PER_INSERT
+) -> list[list[Sequence[Any]]]:
+    """Rows grouped into blocks that each touch at most ``limit`` days of column ``key``
+    (the table's partitions); one block when the rows span no more than that.
+
+    >>> t0 = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    >>> days = [(t0 + dt.timedelta(days=i % 250),) for i in range(500)]
+    >>> [len(b) for b in partition_blocks(days, 0)]
+    [200, 200, 100]
+    >>> len(partition_blocks(days[:10], 0))
+    1
+    """
+    by_day: dict[Any, list[Sequence[Any]]] = {}
+    for row in rows:
+        value = row[key]
+        by_day.setdefault(value.date() if isinstance(value, dt.datetime) else value, []).append(row)
+    if len(by_day) <= limit:
+        return [list(rows)]
+    days = list(by_day.values())
+    return [[r for day in days[i : i + limit] for r in day] for i in range(0, len(days), limit)]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -102,3 +102,23 @@ def test_second_process_gets_a_clear_lock_error(
     result = run_cli("query", "SELECT 1", env={"STREAMML_STATE_DIR": str(stack_settings.state_dir)})
     assert result.returncode == 1
     assert "open in another process" in result.stderr
+
+
+def test_a_backfill_spanning_years_is_written_in_one_call(
+    stack_settings: Settings, session_warehouse: Warehouse
+) -> None:
+    """Tables are partitioned by day and ClickHouse refuses an INSERT touching more than
+    100 partitions: a batch of three years of events must still land (it used to wedge the
+    sink, which retried it forever)."""
+    with temporary_warehouse(stack_settings, "t_backfill") as warehouse:
+        t0 = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)
+        rows = []
+        for i in range(1_100):
+            row = list(_prediction(f"e-{i}", 0.5))
+            row[3] = t0 + dt.timedelta(days=i)
+            rows.append(tuple(row))
+        assert warehouse.insert("predictions", rows, PRED_COLUMNS) == 1_100
+        result = warehouse.query(
+            "SELECT count(), uniqExact(toDate(ts)), min(ts) < '2023-01-02' FROM predictions"
+        )
+        assert [int(v) for v in result.rows[0]] == [1_100, 1_100, 1]
