@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka import ConsumerRecord
 
 from streamml.agents.runtime import PartitionState, PipelineRuntime
-from streamml.schemas.records import DeadLetter, Record, Source, validate
+from streamml.schemas.records import DLQ_KEY_BYTES, DeadLetter, Record, Source, validate
 from streamml.streams.outbox import Headers, Outbox
 
 
@@ -32,7 +32,8 @@ def ingest(
     if isinstance(result, DeadLetter):
         rt.counters["dead_letters"] += 1
         rt.counters[f"dead_letters.{result.error_class}"] += 1
-        out.add(rt.topics["dlq"], message.partition, message.key, result.to_json(rt.name), headers)
+        key = message.key[:DLQ_KEY_BYTES] if message.key is not None else None  # must fit
+        out.add(rt.topics["dlq"], message.partition, key, result.to_json(rt.name), headers)
         return None
     window: dict[str, Any] = {}
     if rt.featurizer.needs_entity_state:

@@ -10,6 +10,7 @@ Derivation rules when the producer leaves them out (documented in docs/pipeline-
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -51,19 +52,48 @@ class DeadLetter:
     source: Source
 
     def to_json(self, pipeline: str) -> bytes:
+        """The dead letter as ``<p>.dlq`` carries it. It always fits the broker's message
+        limit: a payload over :data:`DLQ_PAYLOAD_BYTES` or a key over :data:`DLQ_KEY_BYTES`
+        is cut there, and the reason says so with the original size and sha256."""
+        payload, cut_payload = _cut(self.payload, DLQ_PAYLOAD_BYTES)
+        key, cut_key = _cut(self.source.key or b"", DLQ_KEY_BYTES)
+        reason = self.reason[:DLQ_REASON_CHARS]
+        for what, cut in (("payload", cut_payload), ("key", cut_key)):
+            if cut:
+                reason += f" [{what} truncated: {cut}]"
         return orjson.dumps(
             {
                 "pipeline": pipeline,
                 "error_class": self.error_class,
-                "reason": self.reason,
-                "payload": self.payload.decode("utf-8", errors="replace"),
+                "reason": reason,
+                "payload": payload.decode("utf-8", errors="replace"),
                 "topic": self.source.topic,
                 "partition": self.source.partition,
                 "offset": self.source.offset,
                 "ts_ms": self.source.timestamp_ms,
-                "key": (self.source.key or b"").decode("utf-8", errors="replace"),
+                "key": key.decode("utf-8", errors="replace"),
             }
         )
+
+
+DLQ_PAYLOAD_BYTES = 65_536  # of the original record kept in a dead letter
+DLQ_KEY_BYTES = 1_024
+DLQ_REASON_CHARS = 2_000
+
+
+def _cut(data: bytes, limit: int) -> tuple[bytes, str]:
+    """``data`` cut to ``limit`` bytes, and what was cut ("" when nothing was).
+
+    >>> _cut(b"abc", 8)
+    (b'abc', '')
+    >>> kept, said = _cut(b"x" * 10, 4)
+    >>> kept, said.split(",")[0]
+    (b'xxxx', '10 bytes')
+    """
+    if len(data) <= limit:
+        return data, ""
+    digest = hashlib.sha256(data).hexdigest()
+    return data[:limit], f"{len(data)} bytes, sha256 {digest}, first {limit} kept"
 
 
 _INT_LIMIT = 2**63

@@ -357,3 +357,25 @@ def test_json_schema_timestamp_field_and_custom_names() -> None:
     assert result.event_id == "x-1"
     assert result.ts_ms == T0_MS
     assert result.fields["seen"] == T0_MS
+
+
+def test_a_dead_letter_always_fits_the_broker_and_says_what_it_cut() -> None:
+    """A 1 MB record with a 1 MB key, or 400 KB of control characters, must not make a dead
+    letter larger than a broker accepts (1 MB by default): it is cut, and says so."""
+    import hashlib
+
+    import orjson
+
+    from streamml.schemas.records import DeadLetter
+
+    payload, key = b"\x01" * 400_000 + b"{" * 600_000, b"k" * 1_000_000
+    letter = DeadLetter("oversize", "r" * 500_000, payload, Source("d.raw", 0, 7, 0, key))
+    out = letter.to_json("demo")
+    assert len(out) < 512_000  # JSON escapes a control byte as 6: 64 KiB kept -> < 400 KB
+    value = orjson.loads(out)
+    assert len(value["key"]) == 1_024 and len(value["payload"]) == 65_536
+    assert f"sha256 {hashlib.sha256(payload).hexdigest()}" in value["reason"]
+    assert f"sha256 {hashlib.sha256(key).hexdigest()}" in value["reason"]
+    assert "1000000 bytes" in value["reason"]
+    small = orjson.loads(DeadLetter("x", "why", b"{}", Source("d.raw", 0, 1, 0, b"k")).to_json("d"))
+    assert (small["payload"], small["key"], small["reason"]) == ("{}", "k", "why")
