@@ -715,7 +715,10 @@ def test_a_champion_worse_than_the_baseline_is_replaced_while_events_stream(lab:
         lambda: lab.stats(JUDGED)["deployment"]["champion"]["version"] == bad_model,
         f"the worker to serve {bad_model}",
     )
-    [by_hand] = _wait_rows(lambda: lab.audit(JUDGED, "promoted"), "the promotion by hand")
+    [by_hand] = _wait_rows(  # the review may replace it before this row is even queryable
+        lambda: [r for r in lab.audit(JUDGED, "promoted") if r["version"] == bad_model],
+        "the promotion by hand",
+    )
     load = lab.stream(JUDGED, 4000, drift_at=1.0)  # 10 s of traffic, across the verdict
     lifecycle.request_retrain(lab.settings, spec, reason="test: replace the bad champion")
 
@@ -725,7 +728,11 @@ def test_a_champion_worse_than_the_baseline_is_replaced_while_events_stream(lab:
 
     lab.feed_until(JUDGED, replaced, 240, 1.0)
     [row, *_] = _wait_rows(
-        lambda: [r for r in lab.audit(JUDGED, "promoted") if r["ts_ms"] > by_hand["ts_ms"]],
+        lambda: [
+            r
+            for r in lab.audit(JUDGED, "promoted")
+            if r["ts_ms"] >= by_hand["ts_ms"] and r["version"] != bad_model
+        ],
         "the trainer's promoted row",
     )
     assert row["previous"] == bad_model and row["reason"].startswith("judged")
