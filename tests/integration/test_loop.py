@@ -644,6 +644,9 @@ def _accounted(lab: Lab, pipeline: str) -> dict[str, int]:
 
 @pytest.mark.timeout(400)
 def test_a_stationary_stream_raises_no_concept_drift_and_no_retrain(lab: Lab) -> None:
+    """No confirmed drift and no retrain on a stationary stream. One partition's detector
+    may fire now and then (ADWIN at delta 0.05 on a sixth of the labels; seen: 1 in a run):
+    that is a suspicion, which the change-point test over every partition must not confirm."""
     [steady] = [s.join() for s in lab.streams_of(STEADY)]
     wait_until(
         lambda: lab.stats(STEADY)["counters"].get("learned", 0) >= steady.good,
@@ -652,12 +655,14 @@ def test_a_stationary_stream_raises_no_concept_drift_and_no_retrain(lab: Lab) ->
     )
     labels = f"SELECT count() FROM labels FINAL WHERE pipeline = '{STEADY}'"
     wait_for(lab.worker, labels, steady.good, timeout_s=120)
-    time.sleep(3)  # a detection of the last batches would be in drift_events by now
-    assert lab.stats(STEADY)["counters"].get("drift.concept", 0) == 0
-    assert lab.drifts(STEADY) == []
+    time.sleep(5)  # a detection of the last batches would be confirmed by now
+    alarms = lab.stats(STEADY)["counters"].get("drift.concept", 0)
+    print(f"\nsteady: {alarms} per-partition detector alarm(s), none confirmed")
+    assert alarms <= 2
+    assert lab.audit(STEADY, "drift_confirmed") == []
     assert lab.audit(STEADY, "retrain_requested") == []
     assert lab.audit(STEADY, "trained") == []
-    assert lab.stats(STEADY)["trainer"] == "idle"
+    assert lab.stats(STEADY)["trainer"].startswith(("idle", "checking a drift", "drift dismissed"))
     assert lab.registry.list(STEADY) == []
 
 
