@@ -27,7 +27,7 @@ from streamml.schemas.spec import PipelineSpec
 from streamml.streams.warehouse import QueryResult
 
 Query = Callable[[str], QueryResult]
-CONFIRM_ALPHA = 1e-3  # a change is confirmed when the CUSUM p-value is below this
+CONFIRM_ALPHA = 1e-4  # a change is confirmed when the CUSUM p-value is below this
 MIN_SEGMENT = 50  # labelled events on each side of a change point
 # The dated change moves this many labelled events past the CUSUM estimate, whose error is
 # a few dozen events when the error jumps (measured: up to ~120 early on a 0.08 -> 0.4 rise
