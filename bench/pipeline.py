@@ -201,8 +201,8 @@ def core_only(spec, n: int) -> float:
         record = validate(spec, payload, Source("raw", 0, i, 0, None))
         vector = featurizer.transform(record, stats, windows.setdefault(record.entity_key, {}))
         dumps({"event_id": record.event_id, "features": vector})
-        learner.predict(vector)
-        before = learner.learn(vector, ex.label)
+        before = learner.predict(vector)  # served; the label scores it (no second predict)
+        learner.learn(vector, ex.label, before)
         learner.score_into(minute, before, coerce_label(ex.label, True))
     return n / (time.perf_counter() - t0)
 

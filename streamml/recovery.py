@@ -82,12 +82,11 @@ def analyse(
             continue
         hits = [correct[served[i][0]][i] for i in idx]
         labels = [served[i][1] for i in idx]
-        values, counts = np.unique(labels, return_counts=True)
+        _, counts = np.unique(labels, return_counts=True)
         baseline = float(counts.max() / len(labels))
         best, best_acc = "", float("nan")
-        serving = {served[i][0] for i in idx}
         for version, by_event in correct.items():
-            if version in serving and all(served[i][0] == version for i in idx):
+            if all(served[i][0] == version for i in idx):
                 continue  # the model that served all of it is not a shadow here
             scored = [by_event[i] for i in idx if i in by_event]
             if len(scored) < len(idx) // 2:
@@ -95,7 +94,6 @@ def analyse(
             acc = float(np.mean(scored))
             if not best or acc > best_acc:
                 best, best_acc = version, acc
-        del values
         result.phases.append(
             Phase(name, first, last, len(idx), float(np.mean(hits)), baseline, best, best_acc)
         )

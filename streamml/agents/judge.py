@@ -158,17 +158,9 @@ def review(
         labels: list[str] | list[float]
         labels = [meta[e][2] for e in ids] if regression else [meta[e][1] for e in ids]
 
-        def outputs(version: str, role: str, ids: list[str] = ids) -> Outputs:
-            return Outputs(
-                version,
-                role,
-                np.array([by_event[e][version][1] for e in ids], dtype=np.float64),
-                [by_event[e][version][0] for e in ids],
-            )
-
         decision = decide(
-            outputs(champion, "champion"),
-            [outputs(candidate, "candidate")],
+            _outputs(champion, "champion", ids, by_event),
+            [_outputs(candidate, "candidate", ids, by_event)],
             labels,
             metric=promo.metric,
             lower_is_better=promo.lower_is_better,
@@ -216,28 +208,36 @@ def _best(
     positive = str(positive_label(spec.label.positive)) if not regression else None
     values = {}
     for version in qualified:
-        out = Outputs(
-            version,
-            "candidate",
-            np.array([by_event[e][version][1] for e in common], dtype=np.float64),
-            [by_event[e][version][0] for e in common],
-        )
+        out = _outputs(version, "candidate", common, by_event)
         values[version] = metric_value(promo.metric, labels, out, positive)
     sign = -1.0 if promo.lower_is_better else 1.0
     return max(qualified, key=lambda v: sign * values[v])
 
 
+def _outputs(
+    version: str, role: str, ids: list[str], by_event: dict[str, dict[str, tuple[str, float]]]
+) -> Outputs:
+    """What ``version`` predicted for the events ``ids``, in that order."""
+    return Outputs(
+        version,
+        role,
+        np.array([by_event[e][version][1] for e in ids], dtype=np.float64),
+        [by_event[e][version][0] for e in ids],
+    )
+
+
+def _vs_champion(decision: ServingDecision, version: str) -> tuple[float, float] | None:
+    """The (low, high) bounds of ``version``'s gain over the champion in a verdict."""
+    row = next((r for r in decision.table if r.version == version), None)
+    return None if row is None else (row.vs_champion.low, row.vs_champion.high)
+
+
 def _low(decision: ServingDecision, version: str) -> float:
-    for row in decision.table:
-        if row.version == version:
-            return row.vs_champion.low
-    return -math.inf
+    bounds = _vs_champion(decision, version)
+    return -math.inf if bounds is None else bounds[0]
 
 
 def cannot_win(decision: ServingDecision, version: str, min_delta: float) -> bool:
     """The candidate's upper bound against the champion does not reach ``min_delta``."""
-    for row in decision.table:
-        if row.version == version:
-            high = row.vs_champion.high
-            return math.isfinite(high) and high <= min_delta
-    return False
+    bounds = _vs_champion(decision, version)
+    return bounds is not None and math.isfinite(bounds[1]) and bounds[1] <= min_delta
