@@ -6,9 +6,10 @@ Trains the demo spec's MLP on synthetic payments (featurized by the pipeline's o
 featurizer), exports it to ONNX, then measures on the same model and the same vectors:
 
 * raw: ``session.run`` on prepared float32 arrays (one row per call, and ``--batch`` rows);
-* in-agent: the score step's call (``agents.score.predict``: feature dicts -> array ->
+* in-agent: the score step's call (``agents.score.batch_outputs``: feature dicts -> array ->
   onnxruntime -> Prediction objects), one event per call and ``--batch`` per call;
-* in-agent, whole step: ``score_batch`` also encoding the features and prediction records
+* in-agent, whole step: ``batch_outputs`` + ``serve`` per event, also encoding the features
+  and prediction records
   for Kafka (what a batch of the engine costs per event).
 
 Prints microseconds per event and the ratios in-agent / raw. No Kafka needed.
@@ -26,7 +27,7 @@ import numpy as np
 
 from streamml import telemetry
 from streamml.agents.runtime import PartitionState, PipelineRuntime
-from streamml.agents.score import Scored, predict, score_batch
+from streamml.agents.score import Scored, batch_outputs, serve
 from streamml.config import Settings
 from streamml.models.features import Featurizer, GlobalState
 from streamml.models.online import OnlineLearner
@@ -48,6 +49,19 @@ class _NullOutbox:
 
     def add(self, *args: object, **kwargs: object) -> None:
         self.records += 1
+
+
+def _step(
+    rt: PipelineRuntime,
+    state: PartitionState,
+    items: list[Scored],
+    deployment: Deployment,
+    out: _NullOutbox,
+) -> None:
+    """The score step as the engine runs it: one batch call, then each event served."""
+    batch = batch_outputs(deployment, items)
+    for i, it in enumerate(items):
+        serve(rt, state, it, i, batch, deployment, out)  # type: ignore[arg-type]
 
 
 def _per_event_us(fn, n_events: int, repeat: int = 3) -> float:
@@ -84,6 +98,7 @@ def main() -> int:
             path, result.feature_names, result.classes, spec.task, positive=spec.label.positive
         )
         vectors = [v for _, v in records]
+        held = [Scored(None, r, v, (), "") for r, v in records]  # type: ignore[arg-type]
         X = np.stack([scorer.vectorize(v) for v in vectors]).astype(scorer.dtype)
         session, name = scorer.session, scorer.session.get_inputs()[0].name
         n, b = len(vectors), args.batch
@@ -95,14 +110,14 @@ def main() -> int:
             lambda: [session.run(None, {name: X[i : i + b]}) for i in range(0, n, b)], n
         )
         slot = Slot("champion", "batch", "mlp", "v1", scorer=scorer)
+        deployment = Deployment(slot)
         state = PartitionState(0, OnlineLearner(spec), GlobalState())
-        agent_single = _per_event_us(lambda: [predict(slot, state, [v]) for v in vectors], n)
+        agent_single = _per_event_us(lambda: [batch_outputs(deployment, [it]) for it in held], n)
         agent_batch = _per_event_us(
-            lambda: [predict(slot, state, vectors[i : i + b]) for i in range(0, n, b)], n
+            lambda: [batch_outputs(deployment, held[i : i + b]) for i in range(0, n, b)], n
         )
         settings = Settings(state_dir=Path(tmp))
         rt = PipelineRuntime.from_spec(spec, "bench", 1, telemetry.setup(settings))
-        deployment = Deployment(slot)
 
         class _Message:
             def __init__(self, i: int) -> None:
@@ -112,7 +127,7 @@ def main() -> int:
         out = _NullOutbox()
         step_batch = _per_event_us(
             lambda: [
-                score_batch(rt, state, items[i : i + b], deployment, out)  # type: ignore[arg-type]
+                _step(rt, state, items[i : i + b], deployment, out)  # type: ignore[arg-type]
                 for i in range(0, n, b)
             ],
             n,
