@@ -250,6 +250,36 @@ class Settings(BaseSettings):
         ge=10,
         description="STREAMML_SINK_FLUSH_INTERVAL_MS: ... or after this long, whichever is first.",
     )
+    sink_alert_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "STREAMML_SINK_ALERT_AFTER_S: when warehouse writes have failed for this long, the "
+            "sink raises an alert (it keeps retrying, and /health says degraded before that)."
+        ),
+    )
+    breaker_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "STREAMML_BREAKER_WINDOW_S: the circuit breaker counts each pipeline's failed "
+            "records per cause over this window."
+        ),
+    )
+    breaker_failure_ratio: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description=(
+            "STREAMML_BREAKER_FAILURE_RATIO: if more than this share of a window's records "
+            "fail for one cause, the breaker opens: an alert, and the pipeline goes on."
+        ),
+    )
+    breaker_min_records: int = Field(
+        default=100,
+        ge=1,
+        description="STREAMML_BREAKER_MIN_RECORDS: a window with fewer records never trips it.",
+    )
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         default="none",
         description="STREAMML_OTEL_EXPORTER: where spans go: none, console (stderr) or otlp.",

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from streamml.schemas.spec import FieldSpec, PipelineSpec
+from streamml.schemas.spec import BOOLEAN_TEXT, FieldSpec, PipelineSpec
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,101 @@ def _in_range(name: str, ms: int) -> int:
     if not 0 <= ms <= _MAX_TS_MS:
         raise _Reject("bad_timestamp", f"field {name!r} is outside 1970..9999")
     return ms
+
+
+@dataclass(frozen=True)
+class Label:
+    """A valid label: the event it belongs to and its value, as the models learn it
+    (a bool for a binary task, a string or integer class, a float target)."""
+
+    event_id: str
+    value: Any
+
+
+def validate_label(spec: PipelineSpec, payload: bytes, source: Source) -> Label | DeadLetter:
+    """Check a ``<p>.labels`` record: a JSON object with ``event_id`` and the label (under
+    ``label.field``, or ``label``), whose value fits the task: a class of the spec's class
+    set, or a finite number in ``label.min..label.max``.
+
+    >>> from streamml.schemas.spec import parse_spec
+    >>> spec = parse_spec({"name": "p", "task": "classification",
+    ...     "schema": {"fields": {"x": {"type": "float"}}},
+    ...     "features": [{"kind": "numeric", "name": "x", "field": "x"}],
+    ...     "online_model": {"kind": "logistic_regression"}})
+    >>> src = Source("p.labels", 0, 7, 0)
+    >>> validate_label(spec, b'{"event_id": "a", "label": 1}', src)
+    Label(event_id='a', value=True)
+    >>> bad = validate_label(spec, b'{"event_id": "a", "label": "banana"}', src)
+    >>> bad.error_class, bad.reason
+    ('unknown_class', "label 'banana' is not one of the classes [false, true]")
+    """
+    try:
+        return _validate_label(spec, payload, source)
+    except _Reject as rej:
+        return DeadLetter(rej.error_class, rej.reason, payload, source)
+
+
+def _validate_label(spec: PipelineSpec, payload: bytes, source: Source) -> Label:
+    if len(payload) > spec.schema_.max_record_bytes:
+        raise _Reject(
+            "oversize", f"{len(payload)} bytes > max_record_bytes {spec.schema_.max_record_bytes}"
+        )
+    data = _parse(payload)
+    if not isinstance(data, dict):
+        raise _Reject("not_an_object", f"expected a JSON object, got {type(data).__name__}")
+    event_id = data.get("event_id")
+    if event_id is None or event_id == "":
+        raise _Reject("missing_field", "a label needs its event's 'event_id'")
+    if not isinstance(event_id, str | int) or isinstance(event_id, bool):
+        raise _Reject("wrong_type", "'event_id' must be a string or integer")
+    field_name = spec.label.field if spec.label.field in data else "label"
+    if field_name not in data:
+        raise _Reject("missing_field", f"the label field {spec.label.field!r} is missing")
+    return Label(str(event_id), check_label(spec, data[field_name]))
+
+
+def check_label(spec: PipelineSpec, value: Any) -> Any:
+    """A label value as the models learn it, or :class:`_Reject` saying why it is not one."""
+    label = spec.label
+    if value is None:
+        raise _Reject("null_not_allowed", "the label must not be null")
+    if isinstance(value, dict | list):
+        raise _Reject("wrong_type", f"the label must be a single value, got {type(value).__name__}")
+    if spec.task == "regression":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Reject("wrong_type", f"the label must be a number, got {type(value).__name__}")
+        try:
+            target = float(value)
+        except OverflowError:
+            raise _Reject("not_finite", "the label is too large for a float") from None
+        if not math.isfinite(target):
+            raise _Reject("not_finite", f"the label is {target}")
+        if label.min is not None and target < label.min:
+            raise _Reject("out_of_range", f"label {target} is below label.min {label.min}")
+        if label.max is not None and target > label.max:
+            raise _Reject("out_of_range", f"label {target} is above label.max {label.max}")
+        return target
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer() or abs(value) >= _INT_LIMIT:
+            raise _Reject("wrong_type", f"a class label must be a string or integer, got {value}")
+        value = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT:
+        raise _Reject("out_of_range", "the label does not fit in 64 bits")
+    if isinstance(value, str) and len(value) > 1_000:
+        raise _Reject("too_long", f"a class label of {len(value)} characters")
+    if label.boolean:
+        flag = value if isinstance(value, bool) else BOOLEAN_TEXT.get(str(value).lower())
+        if flag is None:
+            raise _Reject(
+                "unknown_class", f"label {value!r} is not one of the classes [false, true]"
+            )
+        return flag
+    if label.classes is not None and str(value) not in label.classes:
+        shown = value if not isinstance(value, str) else value[:80]
+        raise _Reject(
+            "unknown_class", f"label {shown!r} is not one of the classes {label.classes}"
+        )
+    return value
 
 
 def json_schema(spec: PipelineSpec) -> dict[str, Any]:

@@ -77,11 +77,46 @@ class SchemaSpec(_Strict):
         return self
 
 
+BOOLEAN_TEXT = {"true": True, "false": False, "1": True, "0": False}
+
+
 class LabelSpec(_Strict):
     field: str = "label"
     # For classification: the class treated as positive in precision/recall/F1/AUC.
     positive: str | None = None
     ttl_s: float = Field(default=3600.0, gt=0)
+    # Classification: the label's class set. Left out, a binary task (``positive`` left
+    # out, or true/false/1/0) takes true/false; with another ``positive``, any string or
+    # integer is a class. Labels outside the set are dead letters.
+    classes: list[str] | None = Field(default=None, min_length=2)
+    # Regression: the range a label must lie in (always finite).
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LabelSpec:
+        if self.classes is not None:
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("label.classes must not repeat a class")
+            if self.positive is not None and self.positive not in self.classes:
+                raise ValueError(f"label.positive {self.positive!r} is not one of label.classes")
+        if self.min is not None and self.max is not None and self.min >= self.max:
+            raise ValueError("label.min must be below label.max")
+        return self
+
+    @property
+    def boolean(self) -> bool:
+        """True when labels are the booleans (true/false, 1/0)."""
+        if self.classes is not None:
+            return {c.lower() for c in self.classes} == {"true", "false"}
+        return self.positive is None or self.positive.lower() in BOOLEAN_TEXT
+
+
+class StateSpec(_Strict):
+    # Per-entity state (windows, last-n values) of an entity not seen for this long, in
+    # event time, is dropped and tombstoned in the changelog. Default: the longest window
+    # plus a margin (see PipelineSpec.entity_ttl_s).
+    ttl_s: float | None = Field(default=None, gt=0)
 
 
 class WindowSpec(_Strict):
@@ -183,7 +218,7 @@ class OnlineModelSpec(_Strict):
 
 
 # Operational sections, left out of PipelineSpec.spec_hash (see there).
-_NOT_HASHED = {"batch_model", "promotion", "serving", "drift", "retrain", "alerts"}
+_NOT_HASHED = {"batch_model", "promotion", "serving", "drift", "retrain", "alerts", "state"}
 
 
 class TopicsSpec(_Strict):
@@ -197,6 +232,7 @@ class PipelineSpec(_Strict):
     topics: TopicsSpec = TopicsSpec()
     schema_: SchemaSpec = Field(alias="schema")
     label: LabelSpec = LabelSpec()
+    state: StateSpec = StateSpec()
     features: list[FeatureSpec] = Field(min_length=1)
     select: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
@@ -254,6 +290,12 @@ class PipelineSpec(_Strict):
         regression = model in {"linear_regression", "hoeffding_tree_regressor"}
         if regression != (self.task == "regression"):
             raise ValueError(f"online_model.kind {model!r} does not fit task {self.task!r}")
+        if self.task == "regression" and self.label.classes is not None:
+            raise ValueError("label.classes is for classification; use label.min/max")
+        if self.task == "classification" and (
+            self.label.min is not None or self.label.max is not None
+        ):
+            raise ValueError("label.min/max are for regression; use label.classes")
         self._check_batch()
         self._check_operations()
         return self
