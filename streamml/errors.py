@@ -75,6 +75,17 @@ class WarehouseError(StreamMLError, RuntimeError):
     """ClickHouse (server or embedded chDB) refused a request."""
 
 
+class WarehouseRefusedError(WarehouseError, ValueError):
+    """ClickHouse refused the rows themselves (a value out of range, a null in a non-null
+    column): writing the same rows again fails again. ``reason`` is the server's message."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+
+
 class WarehouseLockedError(WarehouseError):
     """The embedded chDB directory is owned by another process."""
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import re
+import struct
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,19 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.exceptions import (
+    ClickHouseError,
+    DataError,
+    scrub_error_details,
+)
 
 from streamml.config import Settings, mask_dsn
-from streamml.errors import MigrationError, WarehouseError, WarehouseLockedError
+from streamml.errors import (
+    MigrationError,
+    WarehouseError,
+    WarehouseLockedError,
+    WarehouseRefusedError,
+)
 from streamml.schemas.migrations import Migration, load_migrations
 
 MIGRATIONS_TABLE = "schema_migrations"
@@ -196,19 +207,169 @@ class Warehouse:
         """Insert rows; return how many were written. Every table is partitioned by the
         day of its time column, and ClickHouse refuses one INSERT touching more than
         ``max_partitions_per_insert_block`` (100) partitions, so a batch spanning more days
-        (a backfill of years) goes in as several INSERTs of at most that many days each."""
+        (a backfill of years) goes in as several INSERTs of at most that many days each.
+
+        Raises :class:`WarehouseRefusedError` when ClickHouse refuses the data itself, and a
+        retriable :class:`WarehouseError` when it could not take it (down, restarting)."""
         if not rows:
             return 0
-        names = list(column_names)
-        key = next((names.index(c) for c in PARTITION_COLUMNS if c in names), None)
-        blocks = [list(rows)] if key is None else partition_blocks(rows, key)
+        key = _partition_key(column_names)
+        for block in [list(rows)] if key is None else partition_blocks(rows, key):
+            self._insert_block(table, block, column_names)
+        return len(rows)
+
+    def insert_isolating(
+        self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str]
+    ) -> list[Refusal]:
+        """Insert rows, leaving out those ClickHouse refuses for themselves: write the rest
+        and return the refused ones (their index in ``rows`` and the server's reason).
+        A failure that is not about the data (server down) raises, as :meth:`insert` does."""
+        key = _partition_key(column_names)
+        indexes = list(range(len(rows)))
+        if key is None:
+            blocks = [indexes]
+        else:  # the same blocks as insert(), as indexes into rows
+            tagged = [(i, rows[i][key]) for i in indexes]
+            blocks = [[i for i, _ in block] for block in partition_blocks(tagged, 1)]
+        refused: list[Refusal] = []
+        for block in blocks:
+            refused += isolate_refused(
+                block, lambda part: self._insert_block(table, [rows[i] for i in part], column_names)
+            )
+        return sorted(refused, key=lambda r: r.index)
+
+    def _insert_block(
+        self, table: str, block: Sequence[Sequence[Any]], column_names: Sequence[str]
+    ) -> None:
         try:
             with self._lock:
-                for block in blocks:
-                    self.client.insert(table, block, column_names=names)
+                self.client.insert(table, block, column_names=list(column_names))
+        except _DATA_FAULTS as exc:  # raised while encoding the rows: the data is at fault
+            raise WarehouseRefusedError(
+                f"insert into {table} refused: {_first_line(exc)}", reason=_reason(exc)
+            ) from exc
         except ClickHouseError as exc:
-            raise WarehouseError(f"insert into {table} failed: {_first_line(exc)}") from exc
-        return len(rows)
+            if refuses_data(exc):
+                raise WarehouseRefusedError(
+                    f"insert into {table} refused: {_first_line(exc)}", reason=_reason(exc)
+                ) from exc
+            raise _retriable(f"insert into {table} failed: {_first_line(exc)}") from exc
+        except Exception as exc:  # e.g. the embedded engine failing: retry, never lose rows
+            raise _retriable(f"insert into {table} failed: {_first_line(exc)}") from exc
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A row ClickHouse refused: its index in the rows given, and the server's reason."""
+
+    index: int
+    reason: str
+
+
+def isolate_refused(
+    indexes: Sequence[int], write: Callable[[Sequence[int]], None]
+) -> list[Refusal]:
+    """Write the rows at ``indexes``; when the warehouse refuses a group, split it in halves
+    until each refused row stands alone. Return the refused rows; the others are written.
+    ``k`` bad rows among ``n`` cost about ``k * log2(n)`` extra writes.
+
+    >>> def write(part):
+    ...     if 3 in part:
+    ...         raise WarehouseRefusedError("no", reason="row 3 is bad")
+    ...     written.extend(part)
+    >>> written = []
+    >>> isolate_refused(range(6), write), sorted(written)
+    ([Refusal(index=3, reason='row 3 is bad')], [0, 1, 2, 4, 5])
+    """
+    refused: list[Refusal] = []
+    todo = [list(indexes)] if indexes else []
+    while todo:
+        part = todo.pop()
+        try:
+            write(part)
+        except WarehouseRefusedError as exc:
+            if len(part) == 1:
+                refused.append(Refusal(part[0], exc.reason))
+            else:
+                half = len(part) // 2
+                todo += [part[half:], part[:half]]  # the first half is written first
+    return refused
+
+
+# ClickHouse error codes caused by the data of an INSERT, not by the server's state.
+DATA_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        190,  # SIZES_OF_ARRAYS_DONT_MATCH
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        407,  # DECIMAL_OVERFLOW
+        469,  # VIOLATED_CONSTRAINT
+    }
+)
+TOO_MANY_PARTS = 252  # about the data only as "Too many partitions for single INSERT block"
+# What clickhouse-connect raises (DataError, or plain Python errors) when it cannot encode
+# a value into its column's type, before anything reaches the server.
+_DATA_FAULTS = (DataError, ValueError, TypeError, OverflowError, struct.error)
+_CODE = re.compile(r"\bCode:\s*(\d+)")
+
+
+def refuses_data(exc: BaseException) -> bool:
+    """Whether a ClickHouse error is about the rows sent (the same rows fail again; fewer
+    rows may not), rather than about the server's state (a retry may succeed).
+
+    >>> from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+    >>> refuses_data(DatabaseError("Code: 349. DB::Exception: Cannot insert NULL value"))
+    True
+    >>> refuses_data(DatabaseError("Code: 241. DB::Exception: Memory limit exceeded"))
+    False
+    >>> refuses_data(OperationalError("Error HTTPConnectionPool: Connection refused"))
+    False
+    """
+    if isinstance(exc, DataError):
+        return True
+    code = getattr(exc, "code", None)
+    if code is None:
+        found = _CODE.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if code == TOO_MANY_PARTS:  # smaller blocks go in; a single row always fits
+        return "Too many partitions for single INSERT block" in str(exc)
+    return code in DATA_ERROR_CODES
+
+
+def _retriable(message: str) -> WarehouseError:
+    """A failure of the warehouse rather than of the data: the same rows may go in later."""
+    error = WarehouseError(message)
+    error.retriable = True
+    return error
+
+
+def _partition_key(column_names: Sequence[str]) -> int | None:
+    """The position of the column the table is partitioned by, if it has one."""
+    names = list(column_names)
+    return next((names.index(c) for c in PARTITION_COLUMNS if c in names), None)
+
+
+def _reason(exc: BaseException) -> str:
+    """The whole message of a refusal, with what caused it, for a dead letter."""
+    text = scrub_error_details(str(exc).strip()) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text[:REASON_CHARS]
+
+
+REASON_CHARS = 2_000
 
 
 PARTITION_COLUMNS = ("window_start", "ts")  # PARTITION BY toDate(<this>) in the DDL

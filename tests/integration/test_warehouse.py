@@ -10,7 +10,7 @@ import pytest
 from streamml.config import Settings
 from streamml.errors import MigrationError, WarehouseError
 from streamml.schemas.migrations import CORE_TABLES, Migration, load_migrations
-from streamml.streams.sink import PREDICTION_COLUMNS
+from streamml.streams.rows import PREDICTION_COLUMNS
 from streamml.streams.warehouse import Warehouse
 from streamml.testing import temporary_warehouse
 

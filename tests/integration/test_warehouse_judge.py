@@ -18,7 +18,7 @@ from streamml.config import Settings
 from streamml.recovery import analyse, served_rows_sql
 from streamml.schemas.catalog import load_pipelines
 from streamml.schemas.spec import PipelineSpec
-from streamml.streams.sink import LABEL_COLUMNS, PREDICTION_COLUMNS
+from streamml.streams.rows import LABEL_COLUMNS, PREDICTION_COLUMNS
 from streamml.streams.warehouse import Warehouse
 from streamml.testing import temporary_warehouse
 
