@@ -268,47 +268,153 @@ def produce(
     labels: bool = typer.Option(True, help="Also send the labels to <p>.labels."),
     label_delay: int = typer.Option(0, help="Send each label this many records later."),
     seed: int = typer.Option(7, help="Seed of the synthetic generator."),
+    resume: bool = typer.Option(
+        False, help="Continue FILE after what Kafka acknowledged in an earlier run."
+    ),
+    limit: int = typer.Option(0, help="Send at most N records in this run (0: no limit)."),
+    give_up_s: float = typer.Option(
+        300.0, help="Give up when Kafka acknowledged nothing for this long (broker down)."
+    ),
 ) -> None:
-    """Produce records (and labels) to a pipeline's topics, with a progress bar."""
+    """Produce records (and labels) to a pipeline's topics with an idempotent producer.
+
+    A broker restart is ridden out; what was delivered is reported, and a FILE's progress
+    is kept so `--resume` sends only what Kafka did not acknowledge."""
     import asyncio
+    import logging
     from pathlib import Path
 
     from rich.progress import Progress
 
     from streamml.models import synthetic as synth
     from streamml.streams.kafka import ensure_pipeline_topics
-    from streamml.streams.producer import produce_examples, read_file
+    from streamml.streams.ledger import FileProgress
+    from streamml.streams.producer import (
+        DeliveryOptions,
+        ProduceIncompleteError,
+        ProduceResult,
+        count_records,
+        produce_examples,
+        read_file,
+    )
 
     settings = _settings()
     [spec] = _specs(settings, [pipeline])
+    store: FileProgress | None = None
+    ledger = None
+    if resume and not file:
+        _fail(ConfigError("--resume continues a FILE", hint="give the FILE of the earlier run"))
     if dataset:
         examples: Any = synth.phishing()
         total: int | None = 1250
     elif synthetic:
         examples, total = synth.payments(synthetic, seed=seed), synthetic
     elif file:
-        examples, total = read_file(Path(file), spec), None
+        path = Path(file)
+        if not path.is_file():
+            _fail(ConfigError(f"no such file: {file}"))
+        examples, total = read_file(path, spec), count_records(path)
+        store = FileProgress.of(settings, spec.name, path)
+        ledger = _produce_resume_point(store, resume, file)
     else:
         _fail(StreamMLError("nothing to send", hint="give a FILE, --synthetic N or --dataset"))
+    again = (
+        f"streamml produce {pipeline} {file} --resume"
+        + ("" if labels else " --no-labels")
+        + (f" --label-delay {label_delay}" if label_delay else "")
+    )
+    last: list[ProduceResult] = []
+
+    def checkpoint(result: ProduceResult) -> None:
+        last[:] = [result]
+        if store is not None:
+            store.save(result.ledger, result.complete)
+
+    def report(result: ProduceResult) -> None:
+        summary = _produce_summary(result, spec.topic("raw"), total)
+        console.print(summary, highlight=False, soft_wrap=True)
+        if store is not None and not result.complete:
+            console.print(f"resume with: {again}", highlight=False, soft_wrap=True)
 
     def action() -> None:
         asyncio.run(ensure_pipeline_topics(settings, [spec]))
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # a line per retry; ours say it
+        options = DeliveryOptions(
+            give_up_s=give_up_s, limit=limit or None, ledger=ledger, checkpoint=checkpoint
+        )
         with Progress(console=console) as bar:
             task = bar.add_task(f"producing to {spec.topic('raw')}", total=total)
-            sent = asyncio.run(
-                produce_examples(
-                    settings,
-                    spec,
-                    examples,
-                    rate or None,
-                    labels,
-                    label_delay,
-                    lambda n: bar.update(task, completed=n),
+            try:
+                result = asyncio.run(
+                    produce_examples(
+                        settings,
+                        spec,
+                        examples,
+                        rate or None,
+                        labels,
+                        label_delay,
+                        lambda n: bar.update(task, completed=n),
+                        options,
+                    )
                 )
-            )
-        console.print(f"sent {sent} records to {spec.topic('raw')}")
+            except ProduceIncompleteError as exc:
+                report(exc.result)
+                raise
+            except KeyboardInterrupt:
+                if last:
+                    report(last[0])
+                raise typer.Exit(130) from None
+        report(result)
 
     _run(action)
+
+
+def _produce_resume_point(store: Any, resume: bool, file: str) -> Any:
+    """The ledger ``--resume`` continues from; refuse when the file changed, and warn when a
+    plain run would send again what an unfinished run delivered."""
+    saved = store.load()
+    if not resume:
+        done = saved.ledger.next_index if saved is not None and saved.same_file else 0
+        if saved is not None and not saved.complete and done:
+            err_console.print(
+                f"[yellow]warning:[/] an earlier run delivered the first {done} records of "
+                f"{file} and stopped; this run sends all of it again (duplicates). "
+                "Stop it (Ctrl-C) and add --resume to continue instead.",
+                highlight=False,
+            )
+        return None
+    if saved is None:
+        _fail(
+            ConfigError(
+                f"no unfinished run of {file} for this pipeline to resume",
+                hint="run without --resume to send the whole file",
+            )
+        )
+    if not saved.same_file:
+        _fail(
+            ConfigError(
+                f"{file} changed since the run to resume (size, time or content differ): "
+                "resuming could skip or repeat records",
+                hint="restore the original file, or run without --resume to send it all again",
+            )
+        )
+    if saved.complete:
+        console.print(f"{file} was delivered completely already; nothing to send")
+        raise typer.Exit(0)
+    return saved.ledger
+
+
+def _produce_summary(result: Any, topic: str, total: int | None) -> str:
+    unsent = ""
+    if total is not None:
+        left = total - result.skipped - result.delivered - result.failed
+        unsent = f", {max(left, 0)} not sent"
+    skipped = f" ({result.skipped} delivered earlier, skipped)" if result.skipped else ""
+    return (
+        f"delivered {result.delivered} records (+{result.labels_delivered} labels) to {topic} "
+        f"in {result.elapsed_s:.1f} s{skipped}; failed {result.failed} records "
+        f"(+{result.labels_failed} labels){unsent}"
+    )
 
 
 @app.command()

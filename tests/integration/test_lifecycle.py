@@ -184,7 +184,7 @@ def lab(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> I
 def _produce(
     settings: Settings, spec: PipelineSpec, examples: Iterable[Example], **options: Any
 ) -> int:
-    return asyncio.run(produce_examples(settings, spec, examples, **options))
+    return asyncio.run(produce_examples(settings, spec, examples, **options)).delivered
 
 
 def _train_from_the_log(
