@@ -8,7 +8,9 @@ partition's events and labels meet in the worker that owns the partition.
 Every change is also written to the pipeline's compacted state changelog
 (``<app_id>-<pipeline>-state``, partitioned like the raw topic) under one of the keys
 below, so the worker a partition moves to, or a restarted one, rebuilds it
-(:meth:`PartitionState.restore`).
+(:meth:`PartitionState.restore`). Entity windows expire after the spec's entity TTL in
+event time (``streamml.agents.expiry``), so neither memory nor the changelog grows with
+the number of entities ever seen.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import orjson
 
 from streamml.models.drift import Detection, DriftMonitor
-from streamml.models.features import Featurizer, GlobalState
+from streamml.models.features import SEEN, Featurizer, GlobalState
 from streamml.models.online import OnlineLearner, Prediction
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.topics import pipeline_topics, state_topic
@@ -76,13 +78,37 @@ class Held:
     fetched_at: float = field(compare=False)  # time.monotonic() when it was fetched
 
 
+class EntityWindows(dict[str, dict[str, Any]]):
+    """Entity -> window state, in the order the entities were last stored: storing a key
+    again moves it to the end, so the entities longest untouched come first and expiry
+    reads only the front (amortised O(1) per event, never a scan of every entity).
+
+    >>> w = EntityWindows(a={}, b={})
+    >>> w["a"] = {}
+    >>> list(w)
+    ['b', 'a']
+    """
+
+    def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        if key in self:
+            super().__delitem__(key)
+        super().__setitem__(key, value)
+
+
+def last_seen_ms(window: dict[str, Any]) -> int:
+    """The newest event time of an entity's window state (0 when it never recorded one)."""
+    return int(window.get(SEEN, 0))
+
+
 @dataclass
 class PartitionState:
     partition: int
     learner: OnlineLearner
     stats: GlobalState
     fresh: OnlineLearner | None = None  # a new online model started at a confirmed change
-    windows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    windows: EntityWindows = field(default_factory=EntityWindows)
+    # entities dropped on restore as already past the TTL, to tombstone in the changelog
+    stale: list[str] = field(default_factory=list)
     # event_id -> (stored at, ms; features; event time, ms; the predictions made then)
     joins: dict[str, tuple[int, dict[str, float], int, list[Made]]] = field(default_factory=dict)
     # event_id -> (stored at, ms; label)
@@ -105,7 +131,10 @@ class PartitionState:
     def restore(
         cls, spec: PipelineSpec, partition: int, log: dict[bytes, tuple[bytes, int]]
     ) -> PartitionState:
-        """Rebuild a partition from the latest changelog value of each key."""
+        """Rebuild a partition from the latest changelog value of each key. Windows are
+        ordered by their entity's newest event; those already past the entity TTL (against
+        the newest event restored) are left out and listed in ``stale`` to tombstone.
+        Joins and early labels keep the time they were logged at (their wall-clock TTL)."""
         model = log.get(MODEL)
         learner = OnlineLearner.restore(spec, model[0]) if model else OnlineLearner(spec)
         stats = log.get(STATS)
@@ -115,10 +144,12 @@ class PartitionState:
         if fresh:
             state.fresh = OnlineLearner.restore(spec, fresh[0])
         state.monitor = DriftMonitor(spec)
+        windows: list[tuple[int, str, dict[str, Any]]] = []
         for key, (value, ts_ms) in log.items():
             kind, ident = key[:2], key[2:].decode("utf-8")
             if kind == WINDOW:
-                state.windows[ident] = orjson.loads(value)
+                window = orjson.loads(value)
+                windows.append((last_seen_ms(window), ident, window))
             elif kind == JOIN:
                 stored = orjson.loads(value)
                 made = [Made.from_json(row) for row in stored.get("predictions") or ()]
@@ -130,7 +161,22 @@ class PartitionState:
                 )
             elif kind == EARLY:
                 state.early[ident] = (ts_ms, orjson.loads(value)["label"])
+        state._restore_windows(spec, windows)
         return state
+
+    def _restore_windows(
+        self, spec: PipelineSpec, windows: list[tuple[int, str, dict[str, Any]]]
+    ) -> None:
+        clock = max(self.stats.clock_ms, max((w[0] for w in windows), default=0))
+        self.stats.advance(clock)
+        cutoff = clock - spec.entity_ttl_s * 1000
+        for seen, ident, window in sorted(windows, key=lambda w: w[0] or clock):
+            if not seen:  # logged before entities kept their event time: from now on
+                window[SEEN] = clock
+            elif seen < cutoff:
+                self.stale.append(ident)
+                continue
+            self.windows[ident] = window
 
 
 @dataclass
@@ -142,6 +188,8 @@ class PipelineRuntime:
     telemetry: Telemetry
     states: dict[int, PartitionState] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
+    # dead letters since the engine last read them, by error class (its circuit breaker)
+    failures: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def from_spec(

@@ -3,8 +3,14 @@
 Two kinds of state, both plain dicts so Faust tables can hold them:
 
 * partition state (:class:`GlobalState`): running mean/variance for ``standardize``,
-  category counts for ``frequency`` and the vocabulary of ``onehot``;
-* entity state (a dict per entity key): windowed and last-N aggregates.
+  category counts for ``frequency`` (at most :data:`FREQUENCY_MAX_CATEGORIES`), the
+  vocabulary of ``onehot`` (at most ``max_categories``) and the partition's event-time
+  clock (the newest event time featurized);
+* entity state (a dict per entity key): windowed and last-N aggregates, and the entity's
+  newest event time under :data:`SEEN` (what the entity TTL is measured from).
+
+Neither grows with the number of distinct entities or categories: entity states expire
+(``streamml.agents.expiry``) and category tables are capped.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from streamml.schemas.spec import (
 )
 
 OTHER = "__other__"
+SEEN = "@seen_ms"  # entity state: the entity's newest event time (not a feature name)
+CLOCK = "@clock_ms"  # partition state: the newest event time featurized
+# ``frequency`` keeps the counts of at most this many categories per feature: past it the
+# rarer half is forgotten (a forgotten category counts again from 1, as a rare one would).
+FREQUENCY_MAX_CATEGORIES = 10_000
 EXPANSION_SUFFIXES = frozenset(
     {"count", "sum", "mean", "std", "min", "max", "hour_sin", "hour_cos", "dow_sin", "dow_cos"}
 )
@@ -52,12 +63,37 @@ class GlobalState:
         std = math.sqrt(m2 / n) if n > 1 else 0.0
         return (x - mean) / std if std > 0 else 0.0
 
-    def frequency(self, name: str, category: str) -> float:
+    def frequency(self, name: str, category: str, cap: int = FREQUENCY_MAX_CATEGORIES) -> float:
+        """The share of records so far with ``category``, counting this one. Past ``cap``
+        categories the rarer half of the counts is dropped, so the table stays bounded.
+
+        >>> g = GlobalState()
+        >>> [g.frequency("f", c, cap=4) for c in "aabcde"][-1]  # a, b kept; c, d, e new
+        0.16666666666666666
+        >>> sorted(g.data["f"])
+        ['a', 'b', 'e']
+        """
         counts: dict[str, int] = self.data.setdefault(name, {})
-        counts[category] = counts.get(category, 0) + 1
+        seen = counts.get(category, 0) + 1
+        counts[category] = seen
         total = self.data.get(name + "#total", 0) + 1
         self.data[name + "#total"] = total
-        return float(counts[category] / total)
+        if len(counts) > cap:
+            kept = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[: cap // 2]
+            counts.clear()
+            counts.update(kept)
+            counts[category] = seen
+        return float(seen / total)
+
+    def advance(self, ts_ms: int) -> None:
+        """Move the partition's event-time clock to ``ts_ms`` if that is newer."""
+        if ts_ms > self.data.get(CLOCK, 0):
+            self.data[CLOCK] = ts_ms
+
+    @property
+    def clock_ms(self) -> int:
+        """The newest event time featurized in this partition (0: none yet)."""
+        return int(self.data.get(CLOCK, 0))
 
     def onehot(self, name: str, category: str, cap: int) -> str:
         vocab: list[str] = self.data.setdefault(name, [])
@@ -160,10 +196,11 @@ class Featurizer:
         self._select = set(spec.select) if spec.select is not None else None
         self._exclude = set(spec.exclude)
         self._keep: dict[str, bool] = {}
+        self._entity = any(isinstance(f, WindowFeature | LastNFeature) for f in self.features)
 
     @property
     def needs_entity_state(self) -> bool:
-        return any(isinstance(f, WindowFeature | LastNFeature) for f in self.features)
+        return self._entity
 
     def transform(
         self, record: Record, global_state: GlobalState, entity_state: dict[str, Any]
@@ -171,6 +208,10 @@ class Featurizer:
         """The feature vector of one record; updates both states in place."""
         out: Vector = {}
         fields = record.fields
+        if self._entity:  # the event times the entity TTL is measured with
+            if record.ts_ms > entity_state.get(SEEN, -1):
+                entity_state[SEEN] = record.ts_ms
+            global_state.advance(record.ts_ms)
         for feature in self.features:
             if isinstance(feature, NumericFeature):
                 x = _num(fields.get(feature.field), feature.fill)

@@ -119,6 +119,12 @@ class StateSpec(_Strict):
     ttl_s: float | None = Field(default=None, gt=0)
 
 
+# The default entity TTL: the longest window plus this margin for late events, and at
+# least a day when a last_n feature (no time window of its own) keeps values per entity.
+ENTITY_TTL_MARGIN_S = 3600.0
+LAST_N_TTL_S = 86_400.0
+
+
 class WindowSpec(_Strict):
     type: Literal["tumbling", "hopping"] = "tumbling"
     size_s: float = Field(gt=0)
@@ -369,6 +375,36 @@ class PipelineSpec(_Strict):
                 expanded = set() if f.name in self.exclude else expanded - set(self.exclude)
             keys |= expanded
         return keys
+
+    @model_validator(mode="after")
+    def _state_ttl(self) -> PipelineSpec:
+        longest = self.longest_window_s
+        if self.state.ttl_s is not None and self.state.ttl_s < longest:
+            raise KeyProblem(
+                ("state", "ttl_s"),
+                f"{self.state.ttl_s:g} s is shorter than the longest window ({longest:g} s): "
+                "an entity would be forgotten while its window still holds events",
+            )
+        return self
+
+    @property
+    def longest_window_s(self) -> float:
+        """The size of the longest window feature, 0 without one."""
+        return max(
+            (f.window.size_s for f in self.features if isinstance(f, WindowFeature)), default=0.0
+        )
+
+    @property
+    def entity_ttl_s(self) -> float:
+        """Event time after an entity's newest event when its windows and last-n values
+        are dropped: ``state.ttl_s``, or the longest window plus ENTITY_TTL_MARGIN_S (at
+        least LAST_N_TTL_S with a last_n feature, whose values have no window)."""
+        if self.state.ttl_s is not None:
+            return self.state.ttl_s
+        ttl = self.longest_window_s + ENTITY_TTL_MARGIN_S
+        if any(isinstance(f, LastNFeature) for f in self.features):
+            ttl = max(ttl, LAST_N_TTL_S)
+        return ttl
 
     def topic(self, suffix: str) -> str:
         return f"{self.name}.{suffix}"

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streamml.config import Settings
@@ -24,6 +25,8 @@ from streamml.errors import BrokerUnavailableError
 from streamml.schemas.spec import PipelineSpec
 
 T = TypeVar("T")
+
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs v1+: a value set on the topic itself
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,62 @@ async def ensure_topics(
         response = await bounded(
             "create topics", bootstrap, admin.create_topics(new), settings.request_timeout_s
         )
+    raced = set()  # listed as missing, but made meanwhile (by another worker): not ours
     for topic, code, message in _topic_errors(response):
-        if code not in (0, TopicAlreadyExistsError.errno):
+        if code == TopicAlreadyExistsError.errno:
+            raced.add(topic)
+        elif code:
             raise BrokerUnavailableError(
                 f"creating topic {topic!r} failed: {message} (code {code})"
             )
-    return missing
+    return [n for n in missing if n not in raced]
+
+
+async def ensure_topic_config(settings: Settings, topic: str, config: dict[str, str]) -> bool:
+    """Set ``config`` on an existing topic where it differs, keeping the topic's other
+    settings; return whether it changed anything."""
+    bootstrap, timeout_s = settings.bootstrap_servers, settings.request_timeout_s
+    async with admin_client(settings) as admin:
+        described = await bounded(
+            f"describe topic {topic!r}",
+            bootstrap,
+            admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)]),
+            timeout_s,
+        )
+        current, overrides = _topic_configs(described[0])
+        if all(current.get(k) == v for k, v in config.items()):
+            return False
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=overrides | config)
+        altered = await bounded(
+            f"configure topic {topic!r}", bootstrap, admin.alter_configs([resource]), timeout_s
+        )
+    for response in altered:
+        for code, message, _type, name in getattr(response, "resources", []):
+            if code:
+                raise BrokerUnavailableError(
+                    f"configuring topic {name!r} failed: {message} (code {code})"
+                )
+    return True
+
+
+def _topic_configs(response: object) -> tuple[dict[str, str], dict[str, str]]:
+    """All of a DescribeConfigs answer's values, and those set on the topic itself."""
+    current: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+    version = getattr(response, "API_VERSION", 0)
+    for resource in getattr(response, "resources", []):
+        code, message, _type, name, entries = resource[:5]
+        if code:
+            raise BrokerUnavailableError(f"describing topic {name!r} failed: {message}")
+        for entry in entries:
+            key, value = str(entry[0]), entry[1]
+            if value is None:
+                continue
+            current[key] = str(value)
+            # v0 says is_default; later versions say where the value comes from
+            if (not entry[3]) if version == 0 else entry[3] == DYNAMIC_TOPIC_CONFIG:
+                overrides[key] = str(value)
+    return current, overrides
 
 
 def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
@@ -221,20 +274,45 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
     )
 
 
+def state_topic_config(settings: Settings) -> dict[str, str]:
+    """Topic settings of a pipeline's compacted state changelog.
+
+    A restore reads all of it, so the cleaner must keep it near the live keys: expired
+    entities, answered joins and matched labels are tombstoned there, and a tombstone
+    removes older values only once its segment is closed (after ``segment.ms`` or
+    ``segment.bytes``) and cleaned (when a quarter of the log is dirty, or after
+    ``max.compaction.lag.ms``). Tombstones themselves stay ``delete.retention.ms``: twice
+    the longest a restore may read (``read_latest`` gives up after max(60 s, the request
+    timeout)), so a reader never misses the tombstone of a key it already read.
+
+    >>> state_topic_config(Settings(request_timeout_s=15.0))["delete.retention.ms"]
+    '120000'
+    """
+    retention_ms = int(2 * max(60.0, settings.request_timeout_s) * 1000)
+    return {
+        "cleanup.policy": "compact",
+        "segment.ms": "30000",
+        "segment.bytes": str(16 << 20),
+        "min.cleanable.dirty.ratio": "0.25",
+        "max.compaction.lag.ms": "60000",
+        "delete.retention.ms": str(retention_ms),
+    }
+
+
 async def ensure_pipeline_topics(settings: Settings, specs: Iterable[PipelineSpec]) -> list[str]:
     """Create every topic of these pipelines, all with the pipeline's partition count
-    (co-partitioning: raw, features, predictions and labels of a key meet in one worker)."""
+    (co-partitioning: raw, features, predictions and labels of a key meet in one worker);
+    the state changelog with :func:`state_topic_config`, also when it exists already."""
     from streamml.streams.topics import CONTROL_TOPIC, pipeline_topics, state_topic
 
     created: list[str] = []
     for spec in specs:
         partitions = spec.topics.partitions or settings.topic_partitions
         created += await ensure_topics(settings, pipeline_topics(spec).values(), partitions)
-        created += await ensure_topics(
-            settings,
-            [state_topic(settings.app_id, spec)],
-            partitions,
-            config={"cleanup.policy": "compact"},
-        )
+        state, config = state_topic(settings.app_id, spec), state_topic_config(settings)
+        new = await ensure_topics(settings, [state], partitions, config=config)
+        if not new:  # made before, maybe by an older streamml: today's compaction settings
+            await ensure_topic_config(settings, state, config)
+        created += new
     created += await ensure_topics(settings, [CONTROL_TOPIC], partitions=1)
     return created
