@@ -105,15 +105,33 @@ def create_app(
             ready = all(engine.ready.is_set() for engine in engines)
             sink_wanted = with_sink and bool(specs)
             ready = ready and (state["sink"] is not None or not sink_wanted)
+            engines_health = {e.rt.name: e.health() for e in engines}
+            sink_health = state["sink"].health() if state["sink"] is not None else None
+            degraded = [
+                f"{name}: waiting for Kafka ({h['kafka']['last_error']})"
+                for name, h in engines_health.items()
+                if h["kafka"]["degraded"]
+            ] + [
+                f"{name}: circuit breaker open for {', '.join(h['breaker_open'])}"
+                for name, h in engines_health.items()
+                if h["breaker_open"]
+            ]
+            if sink_health is not None and sink_health["status"] != "ok":
+                degraded.append(f"sink: {sink_health.get('last_error') or sink_health['status']}")
+            status = "starting" if not ready else "degraded" if degraded else "ok"
             return self.json(
                 {
-                    "status": "ok" if ready else "starting",
+                    "status": status,
+                    "degraded": degraded,
                     "app_id": settings.app_id,
                     "bootstrap": settings.bootstrap_servers,
                     "uptime_s": round(time.time() - started, 3),
                     "assigned_partitions": {e.rt.name: sorted(e.rt.states) for e in engines},
                     "pipelines": sorted(runtimes),
+                    "engines": engines_health,
+                    "sink": sink_health,
                 },
+                # degraded is alive and catching up by itself: not a reason to restart it
                 status=200 if ready else 503,
             )
 
@@ -154,6 +172,9 @@ def create_app(
                         "flushes": sink.stats.flushes,
                         "failed_flushes": sink.stats.failed_flushes,
                         "bad_messages": sink.stats.bad_messages,
+                        "invalid_labels": sink.stats.invalid_labels,
+                        "dead_lettered": sink.stats.dead_lettered,
+                        "dropped": sink.stats.dropped,
                     },
                 }
             )

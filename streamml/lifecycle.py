@@ -12,6 +12,7 @@ import asyncio
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from streamml.models.onnx_model import OnnxScorer, check_parity, export_onnx
 from streamml.models.registry import ModelVersion, Registry
 from streamml.models.serving import load_scorer, online_version
 from streamml.schemas.control import ControlEvent
+from streamml.schemas.records import label_problem
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
 from streamml.streams.warehouse import QueryResult, run_query
@@ -113,7 +115,21 @@ def read_training_rows(
 ) -> Any:
     """The training frame (one row per labelled event, a column per feature)."""
     result = _query(settings, query)(training_sql(spec, window))
-    rows = [(str(e), int(ts), dict(f), _label(str(y))) for e, ts, f, y in result.rows]
+    rows, refused = [], Counter[str]()
+    for e, ts, f, y in result.rows:
+        label = _label(str(y))
+        problem = label_problem(spec, label)
+        if problem is None:
+            rows.append((str(e), int(ts), dict(f), label))
+        else:  # stored before labels were validated: not something to learn
+            refused[problem] += 1
+    if refused:
+        log.warning(
+            "%s: %d labelled events left out of training, their labels do not fit the spec: %s",
+            spec.name,
+            refused.total(),
+            "; ".join(f"{n} x {why}" for why, n in refused.most_common(5)),
+        )
     if not rows:
         raise TrainingError(
             f"{spec.name}: no labelled events with features in the warehouse for this window",

@@ -28,11 +28,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
 
 from streamml import telemetry
-from streamml.agents.ingest import ingest
+from streamml.agents.ingest import failed, ingest
 from streamml.agents.learn import emit_metrics, housekeeping, on_label, snapshot
 from streamml.agents.runtime import (
     FRESH,
@@ -43,10 +43,11 @@ from streamml.agents.runtime import (
     PartitionState,
     PipelineRuntime,
 )
-from streamml.agents.score import Scored, batch_outputs, serve
+from streamml.agents.score import BatchOutputs, Scored, batch_outputs, serve
 from streamml.config import Settings
 from streamml.errors import StreamMLError
 from streamml.models import serving
+from streamml.models.breaker import Breaker, Trip
 from streamml.models.drift import Reference
 from streamml.models.online import OnlineLearner
 from streamml.models.registry import Registry
@@ -55,13 +56,14 @@ from streamml.schemas.control import ControlEvent
 from streamml.streams import control
 from streamml.streams.changelog import read_latest
 from streamml.streams.kafka import bounded, close_quietly
-from streamml.streams.outbox import Headers, Outbox
+from streamml.streams.outbox import RETRY_FIRST_S, RETRY_MAX_S, Headers, Health, Outbox
 from streamml.streams.producer import SEQ_HEADER
 from streamml.streams.topics import CONTROL_TOPIC, dumps
 
 log = logging.getLogger("streamml.engine")
 
 HOUSEKEEPING_EVERY_S = 1.0
+PROBE_EVERY_S = 2.0  # how often the engine checks that Kafka answers (for /health)
 SLOW_BATCH_S = 0.1  # a batch taking longer is logged with where the time went
 
 
@@ -110,6 +112,12 @@ class PipelineEngine:
         # change restarts it; events about it wait here for the next gap between batches
         self.fresh_version: str | None = None
         self._fresh_events: list[ControlEvent] = []
+        # what Kafka makes us wait for (a broker restart, a leader moving), for /health
+        self.kafka = Health()
+        self.breaker = Breaker(
+            settings.breaker_window_s, settings.breaker_failure_ratio, settings.breaker_min_records
+        )
+        self._resync = False  # the control follower restarted: re-read the registry
 
     # --- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
@@ -147,36 +155,106 @@ class PipelineEngine:
         await self._apply_deployment(None)  # ... and this reads what is deployed now
         await bounded("start the consumer", boot, consumer.start(), s.request_timeout_s)
         consumer.subscribe([rt.topics["raw"], rt.topics["labels"]], listener=_Listener(self))
+        probe = asyncio.create_task(self._probe_kafka())
+        delay = RETRY_FIRST_S
         try:
             while True:
-                batch = await consumer.getmany(timeout_ms=100, max_records=s.batch_max_records)
-                async with self._lock:
-                    if self._fresh_events:
-                        await self._apply_fresh()
-                    if self._reload is not None:  # between batches: no event scored twice
-                        event, self._reload = self._reload, None
-                        await self._apply_deployment(event)
-                    if batch or any(st.held for st in self.rt.states.values()):
-                        await self._process(batch)
-                    if time.monotonic() - self._housekept_at >= HOUSEKEEPING_EVERY_S:
-                        await self._housekeeping(self.rt.states.values())
-                    if time.monotonic() - self._committed_at >= s.commit_interval_ms / 1000:
-                        await self._commit()
+                try:
+                    await self._step(consumer)
+                    delay = RETRY_FIRST_S
+                except KafkaError as exc:  # the broker is away: wait for it, keep the state
+                    self.kafka.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    if self.kafka.waiting_since is None:
+                        self.kafka.waiting_since = time.monotonic()
+                    log.warning("%s: Kafka: %s; again in %.1f s", rt.name, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
         finally:
             control.cancel()
+            probe.cancel()
             await self._shutdown()
+
+    async def _step(self, consumer: AIOKafkaConsumer) -> None:
+        """One turn of the loop: fetch, then between batches apply deployment changes,
+        process, keep house and commit."""
+        s = self.settings
+        batch = await consumer.getmany(timeout_ms=100, max_records=s.batch_max_records)
+        async with self._lock:
+            if self._fresh_events:
+                await self._apply_fresh()
+            if self._resync:  # control events may have been missed: read the registry
+                self._resync = False
+                await self._apply_deployment(None)
+            if self._reload is not None:  # between batches: no event scored twice
+                event, self._reload = self._reload, None
+                await self._apply_deployment(event)
+            if batch or any(st.held for st in self.rt.states.values()):
+                await self._process(batch)
+            if time.monotonic() - self._housekept_at >= HOUSEKEEPING_EVERY_S:
+                await self._housekeeping(self.rt.states.values())
+            if time.monotonic() - self._committed_at >= s.commit_interval_ms / 1000:
+                await self._commit()
+        if self.kafka.waiting_since is not None and not self._uncommitted:
+            self.kafka.waiting_since = None  # everything out and committed again
+
+    async def _probe_kafka(self) -> None:
+        """Ask the cluster for metadata every few seconds, so /health says degraded while
+        the broker is away even when there is nothing to send or commit."""
+        assert self._producer is not None
+        client = self._producer.client
+        timeout_s = min(PROBE_EVERY_S * 2, self.settings.request_timeout_s)
+        while True:
+            try:
+                ok = await asyncio.wait_for(client.force_metadata_update(), timeout_s)
+            except (TimeoutError, KafkaError, OSError):
+                ok = False
+            if ok:
+                self.kafka.unreachable_since = None
+            elif self.kafka.unreachable_since is None:
+                self.kafka.unreachable_since = time.monotonic()
+                self.kafka.last_error = "no broker answers metadata requests"
+                log.warning("%s: Kafka is unreachable; waiting for it", self.rt.name)
+            await asyncio.sleep(PROBE_EVERY_S)
+
+    def health(self) -> dict[str, Any]:
+        """For /health: ready, and whether Kafka keeps this pipeline waiting."""
+        return {
+            "ready": self.ready.is_set(),
+            "kafka": self.kafka.describe(),
+            "breaker_open": sorted(self.breaker.open),
+        }
 
     # --- deployment ----------------------------------------------------------------
     async def _follow_control(self, following: asyncio.Event) -> None:
-        async for event in control.follow(self.settings, following):
-            if event.pipeline != self.rt.name:
-                continue
-            if (event.action == "drift_confirmed" and event.details.get("fresh_version")) or (
-                event.action == "promoted" and event.version == self.fresh_version
-            ):
-                self._fresh_events.append(event)
-            if event.changes_deployment:
-                self._reload = event
+        """Follow the control topic for good: when following fails after it started (the
+        broker went away), start again from the end and re-read the registry, which holds
+        every deployment change that may have been missed meanwhile."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                async for event in control.follow(self.settings, following):
+                    delay = RETRY_FIRST_S
+                    self._on_control(event)
+            except (KafkaError, StreamMLError, OSError) as exc:
+                if not following.is_set():
+                    raise  # at start: say why
+                log.warning(
+                    "%s: following the control topic: %s; again in %.1f s", self.rt.name, exc, delay
+                )
+            following = asyncio.Event()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            self._resync = True
+
+    def _on_control(self, event: ControlEvent) -> None:
+        if event.pipeline != self.rt.name:
+            return
+        if (event.action == "drift_confirmed" and event.details.get("fresh_version")) or (
+            event.action == "promoted" and event.version == self.fresh_version
+        ):
+            self._fresh_events.append(event)
+        if event.changes_deployment:
+            self._reload = event
 
     async def _apply_deployment(self, event: ControlEvent | None) -> None:
         """Swap in what the registry says is deployed, or keep serving what is loaded
@@ -198,7 +276,10 @@ class PipelineEngine:
                 reason=str(exc),
                 details={"serving": self.deployment.describe()},
             )
-            await control.publish(self.settings, refused)
+            try:
+                await control.publish(self.settings, refused)
+            except StreamMLError as exc:  # it keeps serving; the log says what was refused
+                log.warning("%s: could not publish model_refused: %s", rt.name, exc)
             return
         changed = deployment.champion != self.deployment.champion
         if deployment != self.deployment:
@@ -227,7 +308,7 @@ class PipelineEngine:
         assert self._producer is not None
         events, self._fresh_events = self._fresh_events, []
         rt = self.rt
-        out = Outbox(self._producer)
+        out = Outbox(self._producer, self.kafka)
         for event in events:
             if event.action == "drift_confirmed":
                 version = str(event.details["fresh_version"])
@@ -264,7 +345,7 @@ class PipelineEngine:
     async def _shutdown(self) -> None:
         try:
             async with self._lock:
-                await self._let_go(list(self.rt.states))
+                await self._let_go(list(self.rt.states), self.settings.request_timeout_s)
         except Exception:  # the next owner re-reads what was not committed
             log.exception("%s: final flush failed; uncommitted input will be re-read", self.rt.name)
         finally:
@@ -291,7 +372,7 @@ class PipelineEngine:
         tel = rt.telemetry
         raw_topic = rt.topics["raw"]
         assigned = consumer.assignment()
-        out = Outbox(self._producer)
+        out = Outbox(self._producer, self.kafka)
         outcomes: Counter[tuple[str, str]] = Counter()
         spent = {"ingest": 0.0, "score": 0.0, "learn": 0.0}
         now = time.monotonic()
@@ -391,18 +472,24 @@ class PipelineEngine:
                 continue
             message = held.message
             incoming: Headers = message.headers or ()
-            if tel.enabled:  # a span per event, continuing the producer's trace
-                with tel.tracer.start_as_current_span(
-                    f"{rt.name}.ingest", context=telemetry.extract(incoming)
-                ) as span:
-                    headers: Headers = telemetry.inject()
+            mark = out.mark()
+            try:
+                if tel.enabled:  # a span per event, continuing the producer's trace
+                    with tel.tracer.start_as_current_span(
+                        f"{rt.name}.ingest", context=telemetry.extract(incoming)
+                    ) as span:
+                        headers: Headers = telemetry.inject()
+                        result = ingest(rt, state, message, headers, out)
+                        trace_id = telemetry.trace_id()
+                        links.append(trace.Link(span.get_span_context()))
+                else:  # no spans: pass the producer's trace context on as it came
+                    headers = incoming
                     result = ingest(rt, state, message, headers, out)
-                    trace_id = telemetry.trace_id()
-                    links.append(trace.Link(span.get_span_context()))
-            else:  # no spans: pass the producer's trace context on as it came
-                headers = incoming
-                result = ingest(rt, state, message, headers, out)
-                trace_id = _traceparent_id(incoming)
+                    trace_id = _traceparent_id(incoming)
+            except Exception as exc:  # a record is data, never the end of the worker
+                out.rollback(mark)
+                failed(rt, message, "featurize", exc, out, incoming)
+                result = None
             if result is None:
                 outcomes["ingest", "dead_letter"] += 1
             else:
@@ -410,8 +497,6 @@ class PipelineEngine:
                 items[i] = Scored(message, *result, headers, trace_id)
         t1 = time.perf_counter()
         spent["ingest"] += t1 - t0
-        scored = list(items.values())
-        index = {i: n for n, i in enumerate(items)}
         deployment = self.deployment
         scoring: AbstractContextManager[Any] = (
             tel.tracer.start_as_current_span(f"{rt.name}.score", links=links)
@@ -419,18 +504,60 @@ class PipelineEngine:
             else nullcontext()
         )
         with scoring:
-            batch = batch_outputs(deployment, scored)
+            batch = self._batch_outputs(deployment, items, out)
+            scored = list(items.values())
+            index = {i: n for n, i in enumerate(items)}
             t_learn = 0.0
             for i, held in enumerate(ready):
+                mark = out.mark()
                 if held.is_label:
                     t2 = time.perf_counter()
-                    outcomes["learn", on_label(rt, state, held.message, out)] += 1
+                    try:
+                        outcome = on_label(rt, state, held.message, out)
+                    except Exception as exc:
+                        out.rollback(mark)
+                        failed(rt, held.message, "learn", exc, out, held.message.headers or ())
+                        outcome = "failed"
+                    outcomes["learn", outcome] += 1
                     t_learn += time.perf_counter() - t2
                 elif i in items:
-                    serve(rt, state, items[i], index[i], batch, deployment, out)
+                    try:
+                        serve(rt, state, items[i], index[i], batch, deployment, out)
+                    except Exception as exc:
+                        out.rollback(mark)
+                        failed(rt, held.message, "score", exc, out, items[i].headers)
+                        outcomes["score", "failed"] += 1
         spent["learn"] += t_learn
         spent["score"] += time.perf_counter() - t1 - t_learn
-        outcomes["score", "ok"] += len(scored)
+        outcomes["score", "ok"] += len(scored) - outcomes["score", "failed"]
+        self._breaker_count(len(ready))
+
+    def _batch_outputs(
+        self, deployment: Deployment, items: dict[int, Scored], out: Outbox
+    ) -> BatchOutputs:
+        """The batch models on every item in one call each; when a call fails, each item on
+        its own, and the items no model can score become dead letters."""
+        try:
+            return batch_outputs(deployment, list(items.values()))
+        except Exception:
+            pass
+        for i, it in list(items.items()):
+            try:
+                batch_outputs(deployment, [it])
+            except Exception as exc:
+                failed(self.rt, it.message, "score", exc, out, it.headers)
+                del items[i]
+        return batch_outputs(deployment, list(items.values()))
+
+    def _breaker_count(self, handled: int) -> None:
+        """Feed the circuit breaker this batch's records and dead letters, and raise or
+        clear its alerts: a flood of bad records is an alert, and the pipeline goes on."""
+        rt, now = self.rt, time.monotonic()
+        failures = sum(rt.failures.values())
+        self.breaker.count(now, None, max(0, handled - failures))
+        for cause, n in rt.failures.items():
+            self.breaker.count(now, cause, n)
+        rt.failures.clear()
 
     def _log_state(self, states: Iterable[PartitionState], out: Outbox) -> None:
         """Changed windows and statistics to the state changelog, once per key per batch."""
@@ -478,6 +605,34 @@ class PipelineEngine:
                 out.add(CONTROL_TOPIC, 0, rt.name.encode(), event.to_json())
             state.detections.clear()
 
+    def _report_trips(self, trips: list[Trip], out: Outbox) -> None:
+        """The circuit breaker opening or closing for a cause -> an ``alert`` event."""
+        rt, s = self.rt, self.settings
+        for trip in trips:
+            rt.counters[f"breaker.{trip.state}"] += 1
+            message = f"{trip.failed} of {trip.total} records ({trip.share:.0%}) failed with " + (
+                f"{trip.cause} in {s.breaker_window_s:.0f} s"
+            )
+            if trip.state == "firing":
+                message += ": they are dead letters, and the pipeline goes on"
+            level = logging.ERROR if trip.state == "firing" else logging.INFO
+            log.log(level, "%s: circuit breaker %s: %s", rt.name, trip.state, message)
+            event = ControlEvent.new(
+                rt.name,
+                "alert",
+                reason=message,
+                details={
+                    "rule": f"breaker:{trip.cause}",
+                    "state": trip.state,
+                    "metric": "failed_share",
+                    "value": trip.share,
+                    "threshold": s.breaker_failure_ratio,
+                    "op": ">",
+                    "window_s": s.breaker_window_s,
+                },
+            )
+            out.add(CONTROL_TOPIC, 0, rt.name.encode(), event.to_json())
+
     def _reference(self) -> Reference | None:
         """The training distribution stored with a batch champion (data/prediction drift)."""
         entry = self.deployment.champion.entry
@@ -486,9 +641,10 @@ class PipelineEngine:
 
     async def _housekeeping(self, states: Iterable[PartitionState]) -> None:
         assert self._producer is not None
-        out = Outbox(self._producer)
+        out = Outbox(self._producer, self.kafka)
         for state in states:
             housekeeping(self.rt, state, out)
+        self._report_trips(self.breaker.roll(time.monotonic()), out)
         await out.flush()
         self._housekept_at = time.monotonic()
 
@@ -501,14 +657,20 @@ class PipelineEngine:
             await self._consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:  # a rebalance took them
             log.warning("%s: commit refused (%s); the new owner re-reads", self.rt.name, exc)
+        except KafkaError:  # the broker is away: commit them with the next ones
+            assigned = self._consumer.assignment()
+            for tp, offset in offsets.items():
+                if tp in assigned:
+                    self._uncommitted[tp] = max(offset, self._uncommitted.get(tp, 0))
+            raise
 
     # --- partitions coming and going --------------------------------------------
-    async def _let_go(self, partitions: list[int]) -> None:
+    async def _let_go(self, partitions: list[int], give_up_s: float | None = None) -> None:
         """Before partitions may leave this worker: their last metrics and model snapshot
         out, then the offsets committed. The state stays cached: the next assignment
         drops what went elsewhere and reads back only what is new."""
         assert self._producer is not None
-        out = Outbox(self._producer)
+        out = Outbox(self._producer, self.kafka)
         for p in partitions:
             state = self.rt.states.get(p)
             if state is None:
@@ -521,7 +683,7 @@ class PipelineEngine:
                     emit_metrics(self.rt, state, window, out)
             if state.learner.learned != state.snapshot_learned:
                 snapshot(self.rt, state, out)
-        await out.flush()
+        await out.flush(give_up_s)
         await self._commit()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -8,6 +8,7 @@ the engine at the end of the batch) and goes on to scoring in the same pass.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -15,6 +16,41 @@ from aiokafka import ConsumerRecord
 from streamml.agents.runtime import PartitionState, PipelineRuntime
 from streamml.schemas.records import DLQ_KEY_BYTES, DeadLetter, Record, Source, validate
 from streamml.streams.outbox import Headers, Outbox
+
+log = logging.getLogger("streamml.engine")
+
+
+def source_of(message: ConsumerRecord[bytes, bytes]) -> Source:
+    return Source(message.topic, message.partition, message.offset, message.timestamp, message.key)
+
+
+def failed(
+    rt: PipelineRuntime,
+    message: ConsumerRecord[bytes, bytes],
+    step: str,
+    exc: BaseException,
+    out: Outbox,
+    headers: Headers = (),
+) -> None:
+    """A record whose step raised: a dead letter naming the step and the exception, so the
+    worker goes on (and the record is not lost)."""
+    error_class = f"{step}_failed"
+    if rt.counters[f"dead_letters.{error_class}"] == 0:  # the first one with its traceback
+        log.exception("%s: %s failed on a record (more are counted, not logged)", rt.name, step)
+    reason = f"{step} raised {type(exc).__name__}: {exc}"
+    letter = DeadLetter(error_class, reason, message.value or b"", source_of(message))
+    dead_letter(rt, letter, message.partition, headers, out)
+
+
+def dead_letter(
+    rt: PipelineRuntime, letter: DeadLetter, partition: int, headers: Headers, out: Outbox
+) -> None:
+    """Send a dead letter to ``<p>.dlq`` (it always fits: see DeadLetter.to_json)."""
+    rt.counters["dead_letters"] += 1
+    rt.counters[f"dead_letters.{letter.error_class}"] += 1
+    rt.failures[letter.error_class] += 1  # the engine's circuit breaker reads them
+    key = letter.source.key[:DLQ_KEY_BYTES] if letter.source.key is not None else None
+    out.add(rt.topics["dlq"], partition, key, letter.to_json(rt.name), headers)
 
 
 def ingest(
@@ -25,15 +61,9 @@ def ingest(
     out: Outbox,
 ) -> tuple[Record, dict[str, float]] | None:
     """Validate and featurize one raw record; ``None`` when it went to the dead letters."""
-    source = Source(
-        message.topic, message.partition, message.offset, message.timestamp, message.key
-    )
-    result = validate(rt.spec, message.value or b"", source)
+    result = validate(rt.spec, message.value or b"", source_of(message))
     if isinstance(result, DeadLetter):
-        rt.counters["dead_letters"] += 1
-        rt.counters[f"dead_letters.{result.error_class}"] += 1
-        key = message.key[:DLQ_KEY_BYTES] if message.key is not None else None  # must fit
-        out.add(rt.topics["dlq"], message.partition, key, result.to_json(rt.name), headers)
+        dead_letter(rt, result, message.partition, headers, out)
         return None
     window: dict[str, Any] = {}
     if rt.featurizer.needs_entity_state:

@@ -14,6 +14,8 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from streamml.agents.expiry import expire_entities
+from streamml.agents.ingest import dead_letter, source_of
 from streamml.agents.runtime import (
     EARLY,
     FRESH,
@@ -25,8 +27,9 @@ from streamml.agents.runtime import (
     PipelineRuntime,
 )
 from streamml.models.online import Prediction, coerce_label, metric_values, new_metrics
+from streamml.schemas.records import DeadLetter, validate_label
 from streamml.streams.outbox import Outbox
-from streamml.streams.topics import dumps, loads
+from streamml.streams.topics import dumps
 
 MINUTE_MS = 60_000
 METRICS_EVERY_LABELS = 50
@@ -39,15 +42,16 @@ def on_label(
     message: ConsumerRecord[bytes, bytes],
     out: Outbox,
 ) -> str:
-    """Handle one label record; returns its outcome (learned, early or malformed)."""
-    label_field = rt.spec.label.field
-    try:
-        value = loads(message.value or b"")
-        event_id = str(value["event_id"])
-        label = value[label_field] if label_field in value else value["label"]
-    except (ValueError, KeyError, TypeError):
-        rt.counters["labels_malformed"] += 1
-        return "malformed"
+    """Handle one label record; returns its outcome (learned, early or dead_letter).
+
+    A label that does not fit the spec (not JSON, no event_id, a value outside the class
+    set or not a finite number in range) is a dead letter, never learned or stored."""
+    checked = validate_label(rt.spec, message.value or b"", source_of(message))
+    if isinstance(checked, DeadLetter):
+        rt.counters["labels_invalid"] += 1
+        dead_letter(rt, checked, message.partition, message.headers or (), out)
+        return "dead_letter"
+    event_id, label = checked.event_id, checked.value
     stored = state.joins.pop(event_id, None)
     ident = event_id.encode()
     if stored is None:  # the score step learns it when the features arrive
@@ -164,7 +168,9 @@ def emit_metrics(
 def housekeeping(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> None:
     """Timed duties between batches: the open minute's metrics every few seconds (so
     dashboards do not wait for the minute to end), model snapshots every
-    ``snapshot_interval_s``, and expiry of joins and early labels past ``label.ttl_s``."""
+    ``snapshot_interval_s``, expiry of joins and early labels past ``label.ttl_s`` (wall
+    clock since they were stored, kept through a restore), and of entity windows past
+    the entity TTL (event time, :mod:`streamml.agents.expiry`)."""
     now = time.monotonic()
     if now - state.metrics_sent_at >= METRICS_EVERY_S:
         for window in state.minutes.values():
@@ -189,3 +195,4 @@ def housekeeping(rt: PipelineRuntime, state: PartitionState, out: Outbox) -> Non
             del table[k]
             out.add(rt.topics["state"], state.partition, kind + k.encode(), None)
         rt.counters[counter] += len(expired)
+    expire_entities(rt, state, out)

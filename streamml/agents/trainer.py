@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import pandas as pd  # type: ignore[import-untyped]
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from streamml import lifecycle
 from streamml.agents import judge
@@ -111,7 +112,12 @@ class Trainer:
         self._fitter()
         try:
             while True:
-                batch = await consumer.getmany(timeout_ms=int(TICK_S * 1000))
+                try:
+                    batch = await consumer.getmany(timeout_ms=int(TICK_S * 1000))
+                except KafkaError as exc:  # the broker is away: keep ticking meanwhile
+                    log.warning("trainer: reading the control topic: %s", exc)
+                    batch = {}
+                    await asyncio.sleep(TICK_S)
                 for records in batch.values():
                     for record in records:
                         try:

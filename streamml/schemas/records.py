@@ -293,6 +293,24 @@ def _validate_label(spec: PipelineSpec, payload: bytes, source: Source) -> Label
     return Label(str(event_id), check_label(spec, data[field_name]))
 
 
+def label_problem(spec: PipelineSpec, value: Any) -> str | None:
+    """Why ``value`` is not a valid label of the spec, or None when it is one.
+
+    >>> from streamml.schemas.spec import parse_spec
+    >>> spec = parse_spec({"name": "p", "task": "regression",
+    ...     "schema": {"fields": {"x": {"type": "float"}}}, "label": {"min": 0},
+    ...     "features": [{"kind": "numeric", "name": "x", "field": "x"}],
+    ...     "online_model": {"kind": "linear_regression"}})
+    >>> label_problem(spec, 2.5) is None, label_problem(spec, -1), label_problem(spec, "a")
+    (True, 'label -1.0 is below label.min 0.0', 'the label must be a number, got str')
+    """
+    try:
+        check_label(spec, value)
+    except _Reject as rej:
+        return rej.reason
+    return None
+
+
 def check_label(spec: PipelineSpec, value: Any) -> Any:
     """A label value as the models learn it, or :class:`_Reject` saying why it is not one."""
     label = spec.label
@@ -331,9 +349,7 @@ def check_label(spec: PipelineSpec, value: Any) -> Any:
         return flag
     if label.classes is not None and str(value) not in label.classes:
         shown = value if not isinstance(value, str) else value[:80]
-        raise _Reject(
-            "unknown_class", f"label {shown!r} is not one of the classes {label.classes}"
-        )
+        raise _Reject("unknown_class", f"label {shown!r} is not one of the classes {label.classes}")
     return value
 
 
