@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -280,6 +280,107 @@ class Settings(BaseSettings):
         ge=1,
         description="STREAMML_BREAKER_MIN_RECORDS: a window with fewer records never trips it.",
     )
+    # --- security (docs/security.md) ---------------------------------------------------
+    secrets_dir: Path | None = Field(
+        default=None,
+        description=(
+            "STREAMML_SECRETS_DIR: where secrets generated on first use are kept (mode 0600): "
+            "the query token, the model signing key, the PII key, the dev broker's CA and "
+            "passwords. Default: <cache_dir>/secrets (shared by the workers of this machine)."
+        ),
+    )
+    query_token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "STREAMML_QUERY_TOKEN: bearer token of the worker's /query endpoint (and of "
+            "`streamml query`). Default: read from STREAMML_QUERY_TOKEN_FILE, else generated."
+        ),
+    )
+    query_token_file: Path | None = Field(
+        default=None,
+        description="STREAMML_QUERY_TOKEN_FILE: a file holding the /query token.",
+    )
+    query_table_functions: bool = Field(
+        default=False,
+        description=(
+            "STREAMML_QUERY_TABLE_FUNCTIONS: allow /query to use table functions that reach "
+            "files, URLs or other servers (file, url, s3, remote, ...). Off by default."
+        ),
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description=(
+            "STREAMML_KAFKA_SECURITY_PROTOCOL: how every streamml Kafka client connects. "
+            "SASL_SSL for a secured cluster (and the dev broker with STREAMML_KAFKA_DEV_SECURITY)."
+        ),
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="SCRAM-SHA-512", description="STREAMML_KAFKA_SASL_MECHANISM: the SASL mechanism."
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None, description="STREAMML_KAFKA_SASL_USERNAME: the SASL user."
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="STREAMML_KAFKA_SASL_PASSWORD: the SASL password."
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        default=None,
+        description="STREAMML_KAFKA_SASL_PASSWORD_FILE: a file holding the SASL password.",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="STREAMML_KAFKA_SSL_CAFILE: CA certificate (PEM) the broker's must chain to.",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="STREAMML_KAFKA_SSL_CERTFILE: client certificate (PEM), if any."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None, description="STREAMML_KAFKA_SSL_KEYFILE: client private key (PEM), if any."
+    )
+    kafka_dev_security: bool = Field(
+        default=False,
+        description=(
+            "STREAMML_KAFKA_DEV_SECURITY: the local broker listens with SASL/SCRAM over TLS, "
+            "with a CA, certificates and a password generated into the secrets dir."
+        ),
+    )
+    clickhouse_password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "STREAMML_CLICKHOUSE_PASSWORD: password for a ClickHouse server (overrides one in "
+            "the DSN)."
+        ),
+    )
+    clickhouse_password_file: Path | None = Field(
+        default=None,
+        description="STREAMML_CLICKHOUSE_PASSWORD_FILE: a file holding the ClickHouse password.",
+    )
+    clickhouse_ca_file: Path | None = Field(
+        default=None,
+        description="STREAMML_CLICKHOUSE_CA_FILE: CA certificate for an https:// ClickHouse DSN.",
+    )
+    model_signing_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "STREAMML_MODEL_SIGNING_KEY: HMAC-SHA256 key that signs model artifacts at "
+            "registration; workers refuse artifacts without a valid signature. Default: from "
+            "STREAMML_MODEL_SIGNING_KEY_FILE, else generated in the secrets dir."
+        ),
+    )
+    model_signing_key_file: Path | None = Field(
+        default=None,
+        description="STREAMML_MODEL_SIGNING_KEY_FILE: a file holding the model signing key.",
+    )
+    pii_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "STREAMML_PII_KEY: key of the keyed hash of spec fields marked `pii: hash`. "
+            "Default: from STREAMML_PII_KEY_FILE, else generated in the secrets dir."
+        ),
+    )
+    pii_key_file: Path | None = Field(
+        default=None, description="STREAMML_PII_KEY_FILE: a file holding the PII key."
+    )
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         default="none",
         description="STREAMML_OTEL_EXPORTER: where spans go: none, console (stderr) or otlp.",
@@ -379,6 +480,10 @@ class Settings(BaseSettings):
         return self.registry_dir or self.state_dir / "models"
 
     @property
+    def secrets_path(self) -> Path:
+        return self.secrets_dir or self.cache_dir / "secrets"
+
+    @property
     def reports_path(self) -> Path:
         return self.reports_dir or self.state_dir / "reports"
 
@@ -391,6 +496,8 @@ class Settings(BaseSettings):
         values: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***"  # never printed
             values[name] = str(value) if isinstance(value, Path) else value
         values["clickhouse_dsn"] = mask_dsn(self.warehouse_dsn)
         values["kafka_bootstrap"] = self.bootstrap_servers
