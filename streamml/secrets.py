@@ -20,7 +20,6 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
