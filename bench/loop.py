@@ -32,11 +32,11 @@ import threading
 import time
 from pathlib import Path
 
-from streamml import lifecycle
+from streamml import lifecycle, sql
 from streamml.devstack import LocalBroker
 from streamml.devstack.worker import WorkerProcess
 from streamml.models.synthetic import Example, payments
-from streamml.recovery import analyse, served_rows_sql
+from streamml.recovery import analyse
 from streamml.schemas.catalog import load_pipelines
 from streamml.streams.kafka import ensure_pipeline_topics
 from streamml.streams.producer import produce_examples
@@ -89,11 +89,8 @@ def run_seed(
                 thread.join()
                 _wait(worker, f"pay-{seed}-", good, 180)
                 time.sleep(10)  # a judgement in flight finishes; its rows land
-                _, rows = worker.query(served_rows_sql("demo", f"pay-{seed}-"))
-                _, audit = worker.query(
-                    "SELECT action, details, toUnixTimestamp64Milli(ts) FROM audit_events FINAL "
-                    "WHERE pipeline = 'demo' ORDER BY ts"
-                )
+                _, rows = worker.query(sql.served_rows("demo", f"pay-{seed}-").render())
+                _, audit = worker.query(sql.audit_details("demo").render())
             finally:
                 worker.stop()
         finally:
@@ -148,15 +145,12 @@ def run_seed(
 
 def _wait(worker: WorkerProcess, prefix: str, n: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    sql = (
-        "SELECT count() FROM (SELECT event_id FROM predictions WHERE pipeline = 'demo' AND "
-        f"served = 1 AND startsWith(event_id, '{prefix}') GROUP BY event_id)"
-    )
+    text = sql.served_events("demo", prefix).render()  # /query takes text only
     while time.monotonic() < deadline:
-        if int(worker.query(sql)[1][0][0]) >= n:
+        if int(worker.query(text)[1][0][0]) >= n:
             return
         time.sleep(1)
-    raise RuntimeError(f"only {worker.query(sql)[1][0][0]} of {n} events were served in time")
+    raise RuntimeError(f"only {worker.query(text)[1][0][0]} of {n} events were served in time")
 
 
 def main() -> int:

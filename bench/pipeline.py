@@ -30,7 +30,7 @@ from streamml.models.online import OnlineLearner, coerce_label, new_metrics
 from streamml.models.synthetic import payments
 from streamml.schemas.catalog import load_pipelines
 from streamml.schemas.records import Source, validate
-from streamml.streams.kafka import ensure_pipeline_topics, ensure_topics
+from streamml.streams.kafka import client_options, ensure_pipeline_topics, ensure_topics
 from streamml.streams.producer import produce_examples
 from streamml.streams.topics import dumps
 from streamml.testing import isolated_settings
@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 async def _preload(settings, topic: str, n: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **client_options(settings)
+    )
     await producer.start()
     try:
         for ex in payments(n, seed=11):
@@ -56,9 +58,13 @@ async def passthrough_drain(settings, n: int) -> float:
     await ensure_topics(settings, [src, dst], partitions=6)
     await _preload(settings, src, n)
     boot = settings.bootstrap_servers
-    relay_out = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=2)
+    relay_out = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=2, **client_options(settings))
     consumer = AIOKafkaConsumer(
-        src, bootstrap_servers=boot, group_id=tag, auto_offset_reset="earliest"
+        src,
+        bootstrap_servers=boot,
+        group_id=tag,
+        auto_offset_reset="earliest",
+        **client_options(settings),
     )
     await asyncio.gather(relay_out.start(), consumer.start())
     seen, t0 = 0, None
@@ -82,14 +88,15 @@ async def passthrough_latency(settings, n: int, rate: float) -> list[float]:
     src, dst = f"bench.{tag}.in", f"bench.{tag}.out"
     await ensure_topics(settings, [src, dst], partitions=6)
     boot = settings.bootstrap_servers
-    producer = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=5)
-    relay_out = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=2)
+    producer = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=5, **client_options(settings))
+    relay_out = AIOKafkaProducer(bootstrap_servers=boot, linger_ms=2, **client_options(settings))
     consumer = AIOKafkaConsumer(
         src,
         bootstrap_servers=boot,
         group_id=tag,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=10,
+        **client_options(settings),
     )
     await asyncio.gather(producer.start(), relay_out.start(), consumer.start())
     latencies: list[float] = []
@@ -126,7 +133,10 @@ def _count_sql(spec, seed: int) -> str:
 async def _emitted_range(settings, topic: str, seed: int, n: int) -> tuple[float, float]:
     """First and last ``emitted_ms`` of the predictions of run ``seed`` (read afterwards)."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest"
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        **client_options(settings),
     )
     await consumer.start()
     lo, hi, seen, prefix = float("inf"), 0.0, set(), f"pay-{seed}-"

@@ -17,15 +17,19 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
-from streamml import telemetry
+from streamml import querysafety, telemetry
 from streamml.agents.alerting import Alerting
 from streamml.agents.engine import PipelineEngine
 from streamml.agents.runtime import PipelineRuntime
 from streamml.agents.trainer import Trainer
 from streamml.config import Settings
+from streamml.errors import WarehouseError
+from streamml.querysafety import QueryRefused
 from streamml.schemas.spec import PipelineSpec
+from streamml.secrets import query_token
+from streamml.streams.kafka import faust_credentials
 from streamml.streams.sink import WarehouseSink
-from streamml.streams.warehouse import Warehouse
+from streamml.streams.warehouse import QueryResult, Warehouse
 
 
 def create_app(
@@ -53,6 +57,7 @@ def create_app(
         producer_acks=-1,
         producer_linger_ms=2,
         stream_wait_empty=False,
+        broker_credentials=faust_credentials(settings),
     )
     # The data plane is PipelineEngine's own consumer groups; Faust's consumer would idle in
     # a busy loop on no subscriptions and steal the GIL from it (measured: 100-200 ms
@@ -61,7 +66,9 @@ def create_app(
     started = time.time()
     tel = telemetry.setup(settings)
     runtimes = {
-        spec.name: PipelineRuntime.from_spec(spec, settings.app_id, settings.topic_partitions, tel)
+        spec.name: PipelineRuntime.from_spec(
+            spec, settings.app_id, settings.topic_partitions, tel, settings
+        )
         for spec in specs
     }
     engines = [PipelineEngine(settings, rt) for rt in runtimes.values()]
@@ -181,22 +188,85 @@ def create_app(
 
     @app.page("/query")
     class Query(View):
-        """Run SQL in this process, which owns the embedded warehouse."""
+        """Run read-only SQL in this process, which owns the embedded warehouse: bearer
+        token, JSON body, same origin only; see :mod:`streamml.querysafety`."""
 
         async def post(self, request: Request, **_: Any) -> Response:
-            warehouse = state["warehouse"]
-            if warehouse is None:
-                return self.json({"error": "this worker has no warehouse open"}, status=503)
-            body = await request.json()
             try:
-                result = await asyncio.to_thread(warehouse.query, str(body["sql"]))
-            except Exception as exc:
-                return self.json({"error": str(exc)}, status=400)
+                sql = await _checked_request(request, settings, token_box)
+                warehouse = state["warehouse"]
+                if warehouse is None:
+                    return self.json(
+                        _error("this worker has no warehouse open yet", retriable=True),
+                        status=503,
+                    )
+                result = await asyncio.to_thread(_run_read_only, warehouse, settings, sql)
+            except QueryRefused as exc:
+                return self.json(_error(exc.message, hint=exc.hint), status=exc.status)
+            except WarehouseError as exc:
+                return self.json(_error(str(exc), retriable=exc.retriable), status=400)
             return self.json(
                 {"columns": result.columns, "rows": [[_plain(v) for v in r] for r in result.rows]}
             )
 
+    token_box: dict[str, str] = {}
     return app
+
+
+# --- /query -------------------------------------------------------------------------------
+
+
+async def _checked_request(request: Request, settings: Settings, token_box: dict[str, str]) -> str:
+    """The SQL of a /query request, or :class:`QueryRefused` with the status to answer."""
+    headers = request.headers
+    allowed = querysafety.own_origins(settings.web_host, settings.web_port)
+    why = querysafety.origin_refusal(headers.get("Origin"), headers.get("Sec-Fetch-Site"), allowed)
+    if why is not None:
+        raise QueryRefused(
+            why, status=403, hint="/query answers only its own origin, never a web page"
+        )
+    if "token" not in token_box:
+        token_box["token"] = await asyncio.to_thread(query_token, settings)
+    if not querysafety.authorized(headers.get("Authorization"), token_box["token"]):
+        raise QueryRefused(
+            "missing or wrong bearer token",
+            status=401,
+            hint="send 'Authorization: Bearer <token>'; the token is STREAMML_QUERY_TOKEN, "
+            "or the content of STREAMML_QUERY_TOKEN_FILE, or the file query-token in "
+            "STREAMML_SECRETS_DIR",
+        )
+    if not querysafety.json_content_type(headers.get("Content-Type")):
+        raise QueryRefused(
+            "the body must be JSON", status=415, hint="send Content-Type: application/json"
+        )
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
+        raise QueryRefused("the body must be a JSON object with a string 'sql'", status=400)
+    return str(body["sql"])
+
+
+def _run_read_only(warehouse: Warehouse, settings: Settings, sql: str) -> QueryResult:
+    """Read how ClickHouse parses ``sql``, refuse what may not run, run the rest read-only."""
+    allow = settings.query_table_functions
+    readonly = querysafety.READONLY_WITH_TABLE_FUNCTIONS if allow else querysafety.READONLY
+    lines = warehouse.query(f"EXPLAIN AST {sql}", readonly=readonly).rows
+    ast = querysafety.parse_ast(str(row[0]) for row in lines)
+    why = querysafety.sql_refusal(sql, ast, table_functions=allow)
+    if why is not None:
+        hint = (
+            "set STREAMML_QUERY_TABLE_FUNCTIONS=true to allow table functions"
+            if "reaches files" in why
+            else "/query only reads; change the warehouse with streamml commands"
+        )
+        raise QueryRefused(f"refused: {why}", status=403, hint=hint)
+    return warehouse.query(sql, readonly=readonly)
+
+
+def _error(message: str, hint: str | None = None, retriable: bool = False) -> dict[str, Any]:
+    return {"error": message, "hint": hint, "retriable": retriable}
 
 
 def _plain(value: Any) -> Any:

@@ -184,13 +184,29 @@ def query(
 ) -> None:
     """Run a SQL query against the warehouse and print the result.
 
-    With embedded chDB owned by a running worker, the query goes through that worker."""
-    from streamml.streams.warehouse import run_query
+    With embedded chDB owned by a running worker, the query goes through that worker's
+    /query (read-only, with the token of STREAMML_QUERY_TOKEN / _FILE / the secrets dir)."""
+    from streamml.errors import WarehouseLockedError
+    from streamml.queryclient import query_worker
+    from streamml.streams.warehouse import QueryResult, Warehouse
 
     settings = _settings()
 
+    def run_query() -> QueryResult:
+        try:
+            with Warehouse.connect(settings) as warehouse:
+                return warehouse.query(sql)
+        except WarehouseLockedError as locked:
+            try:
+                columns, rows = query_worker(settings, sql, max(60.0, settings.request_timeout_s))
+            except StreamMLError:  # the worker answered: refused (what to set) or failed
+                raise
+            except OSError:  # no worker of ours answers: someone else holds the lock
+                raise locked from None
+            return QueryResult(columns, [tuple(row) for row in rows])
+
     def action() -> None:
-        result = run_query(settings, sql)
+        result = run_query()
         if fmt is OutputFormat.json:
             rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
             sys.stdout.write(json.dumps(rows, default=_jsonable) + "\n")
@@ -239,11 +255,12 @@ def worker(
 
     from streamml.app import create_app, run_worker
     from streamml.devstack.broker import probe_metadata
-    from streamml.streams.kafka import ensure_pipeline_topics
+    from streamml.streams.kafka import client_options, ensure_pipeline_topics
 
     settings = _settings()
     specs = _specs(settings, pipeline)
-    if not probe_metadata(settings.bootstrap_servers, settings.request_timeout_s):
+    options = client_options(settings)
+    if not probe_metadata(settings.bootstrap_servers, settings.request_timeout_s, options):
         _fail(
             StreamMLError(
                 f"no Kafka broker answers at {settings.bootstrap_servers}",

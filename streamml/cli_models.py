@@ -119,7 +119,7 @@ def list_models(pipeline: str = typer.Argument(...)) -> None:
 
     cli = _base()
     settings, spec = _spec(pipeline)
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     table = Table("version", "kind", "stage", "mode", "share", "created", "metrics")
     for mv in registry.list(spec.name):
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(mv.metrics.items())[:4])
@@ -144,7 +144,7 @@ def show(pipeline: str = typer.Argument(...), version: str = typer.Argument(...)
     settings, spec = _spec(pipeline)
 
     def action() -> None:
-        registry = Registry(settings.registry_path)
+        registry = Registry.from_settings(settings)
         mv = registry.get(spec.name, version)
         data = {**mv.to_row(), **mv.extra_columns(), "artifact": str(mv.artifact)}
         history = [h for h in registry.history(spec.name) if h.get("version") == version]
@@ -159,16 +159,22 @@ def promote(
     version: str | None = typer.Argument(None, help="Default: the one challenger."),
     reason: str = typer.Option("promoted from the CLI", help="Why (goes to the audit trail)."),
 ) -> None:
-    """Make a version the champion; every worker swaps to it without a restart."""
+    """Make a version the champion; every worker swaps to it without a restart. Its
+    signature, checksum and features are checked first: a bad artifact changes nothing."""
     from streamml import lifecycle
+    from streamml.models.registry import Registry
 
     cli = _base()
     settings, spec = _spec(pipeline)
-    cli._run(
-        lambda: cli._say(
-            f"champion is now {lifecycle.promote(settings, spec, version, reason).version}"
-        )
-    )
+
+    def action() -> None:
+        chosen = version
+        if chosen is None:  # name the one challenger, so that it is verified like any other
+            found = Registry.from_settings(settings).challengers(spec.name)
+            chosen = found[0].version if len(found) == 1 else None
+        cli._say(f"champion is now {lifecycle.promote(settings, spec, chosen, reason).version}")
+
+    cli._run(action)
 
 
 @models_app.command("rollback")
@@ -258,8 +264,8 @@ def trainer(
     specs = cli._specs(settings, pipeline)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
 
-    def query(sql: str) -> Any:
-        return run_query(settings, sql)
+    def query(text: str, parameters: dict[str, Any]) -> Any:
+        return run_query(settings, text, parameters)
 
     async def main() -> None:
         await asyncio.gather(

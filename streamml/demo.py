@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamml import sql
 from streamml.config import Settings
 from streamml.devstack import LocalBroker
 from streamml.devstack.worker import WorkerProcess, settings_env
 from streamml.errors import DevStackError
 from streamml.models.registry import Registry
 from streamml.models.synthetic import payments
-from streamml.recovery import Recovery, analyse, served_rows_sql
+from streamml.recovery import Recovery, analyse
 from streamml.schemas.catalog import load_pipelines
 from streamml.streams.kafka import ensure_pipeline_topics
 from streamml.streams.producer import produce_examples
@@ -63,7 +64,7 @@ class DemoReport:
     predictions: int = 0
     dead_letter_rows: int = 0
     png: Path | None = None
-    run_filter: str = "1"
+    run_prefix: str = ""  # the ids of this run's events start so
     stopped: list[str] = field(default_factory=list)
     left_running: list[str] = field(default_factory=list)
     audit: list[list[Any]] = field(default_factory=list)
@@ -101,7 +102,7 @@ def run_demo(
         worker.start()
         run_start = dt.datetime.now(dt.UTC).replace(microsecond=0)
         seed = report.seed = int(run_start.timestamp())
-        report.run_filter = f"startsWith(event_id, 'pay-{seed}-')"  # this run's events only
+        report.run_prefix = f"pay-{seed}-"  # this run's events only
         examples = list(
             payments(events, seed=seed, start=run_start, span_s=1200, bad_every=BAD_EVERY)
         )
@@ -272,8 +273,14 @@ def _lifecycle_from_cli(
     )
 
 
-def _since(run_start: dt.datetime) -> str:
-    return f"toDateTime64('{run_start:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
+def _since(run_start: dt.datetime) -> int:
+    return int(run_start.timestamp() * 1000)
+
+
+def _ask(worker: WorkerProcess, query: sql.Query) -> list[list[Any]]:
+    """The rows of ``query`` through the worker's /query endpoint, which takes text only:
+    the values go in as escaped literals."""
+    return worker.query(query.render())[1]
 
 
 def _watch(
@@ -298,11 +305,7 @@ def _watch(
         counters = stats["counters"]
         learned = sum(p["learned"] for p in stats["prequential"].values())
         correct = sum(p["learned"] * p["accuracy"] for p in stats["prequential"].values())
-        _, rows = worker.query(
-            f"SELECT (SELECT uniqExact(event_id) FROM predictions WHERE pipeline = '{PIPELINE}' "
-            f"AND {report.run_filter}), (SELECT count() FROM dead_letters FINAL WHERE pipeline = "
-            f"'{PIPELINE}' AND ts >= {since})"
-        )
+        rows = _ask(worker, sql.demo_progress(PIPELINE, report.run_prefix, since))
         in_warehouse, dead = int(rows[0][0]), int(rows[0][1])
         trainer = worker.get("/stats").get("trainer", {}).get(PIPELINE, "")
         now = time.monotonic()
@@ -336,19 +339,9 @@ def _watch(
 
 def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime) -> None:
     since = _since(run_start)
-    _, report.per_minute = worker.query(f"""
-        SELECT toStartOfMinute(p.ts) AS minute, count() AS n,
-               round(avg(p.predicted_class = l.label), 3) AS accuracy
-        FROM (SELECT event_id, ts, predicted_class FROM predictions FINAL
-              WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1) AS p
-        INNER JOIN (SELECT event_id, label FROM labels FINAL WHERE pipeline = '{PIPELINE}') AS l
-        USING event_id
-        GROUP BY minute ORDER BY minute""")
-    _, rows = worker.query(f"""
-        SELECT quantile(0.5)(latency_ms), quantile(0.99)(latency_ms),
-               quantile(0.5)(e2e_latency_ms), quantile(0.99)(e2e_latency_ms), count()
-        FROM predictions FINAL WHERE pipeline = '{PIPELINE}' AND {report.run_filter}
-        AND served = 1""")
+    prefix = report.run_prefix
+    report.per_minute = _ask(worker, sql.accuracy_per_minute(PIPELINE, prefix))
+    rows = _ask(worker, sql.latency_quantiles(PIPELINE, prefix))
     names = [
         "score_p50_ms",
         "score_p99_ms",
@@ -358,63 +351,40 @@ def _analytics(worker: WorkerProcess, report: DemoReport, run_start: dt.datetime
     ]
     report.latency = {n: float(v) for n, v in zip(names, rows[0], strict=True)}
     report.predictions = int(report.latency.pop("predictions"))
-    _, report.dead_letters = worker.query(f"""
-        SELECT error_class, count() AS n, any(reason) AS example FROM dead_letters FINAL
-        WHERE pipeline = '{PIPELINE}' AND ts >= {since} GROUP BY error_class ORDER BY n DESC""")
+    report.dead_letters = _ask(worker, sql.dead_letter_causes(PIPELINE, since))
     report.dead_letter_rows = sum(int(r[1]) for r in report.dead_letters)
-    _, report.audit = worker.query(f"""
-        SELECT formatDateTime(ts, '%H:%i:%S') AS at, action, version, previous,
-               substring(reason, 1, 70) AS why
-        FROM audit_events FINAL WHERE pipeline = '{PIPELINE}' AND ts >= {since}
-        AND action NOT IN ('drift_detected', 'alert') ORDER BY ts, action""")
-    _, report.drift_events = worker.query(f"""
-        SELECT kind, detector, target, count() AS n, min(ts) AS first
-        FROM drift_events FINAL WHERE pipeline = '{PIPELINE}' AND ts >= {since}
-        GROUP BY kind, detector, target ORDER BY first""")
-    _, report.roles = worker.query(f"""
-        SELECT model_version, role, sum(n) AS labelled,
-               round(sum(value * n) / sum(n), 3) AS accuracy
-        FROM metrics FINAL WHERE pipeline = '{PIPELINE}' AND metric = 'accuracy'
-        AND window_start >= toStartOfMinute({since}) GROUP BY model_version, role
-        ORDER BY min(window_start), role""")
-    _, rows = worker.query(served_rows_sql(PIPELINE, f"pay-{report.seed}-"))
+    report.audit = _ask(worker, sql.audit_trail(PIPELINE, since))
+    report.drift_events = _ask(worker, sql.drift_summary(PIPELINE, since))
+    report.roles = _ask(worker, sql.role_accuracy(PIPELINE, since))
+    rows = _ask(worker, sql.served_rows(PIPELINE, prefix))
     typed = [(int(i), str(v), int(sv), str(c), str(lab)) for i, v, sv, c, lab in rows]
     report.recovery = analyse(typed, report.events, report.events // 2)
     span = 1200 / 60  # the demo's event time runs 20 minutes; the drift is at the middle
     report.marks["concept drift injected"] = span / 2
-    _, confirmed = worker.query(f"""
-        SELECT min(JSONExtractInt(details, 'change_ts_ms')) FROM audit_events FINAL
-        WHERE pipeline = '{PIPELINE}' AND action = 'drift_confirmed' AND ts >= {since}""")
+    confirmed = _ask(
+        worker,
+        sql.first_detail_ms(
+            "audit_events", "change_ts_ms", PIPELINE, since, action="drift_confirmed"
+        ),
+    )
     start_ms = run_start.timestamp() * 1000
     if confirmed and confirmed[0][0] and int(confirmed[0][0]) > start_ms:
         report.marks["change confirmed (dated)"] = (int(confirmed[0][0]) - start_ms) / 60_000
-    _, first_drift = worker.query(f"""
-        SELECT min(JSONExtractInt(details, 'event_ts_ms')) FROM drift_events FINAL
-        WHERE pipeline = '{PIPELINE}' AND kind = 'concept' AND ts >= {since}""")
+    first_drift = _ask(
+        worker, sql.first_detail_ms("drift_events", "event_ts_ms", PIPELINE, since, kind="concept")
+    )
     if first_drift and first_drift[0][0] and int(first_drift[0][0]) > start_ms:
         report.marks["drift detected"] = (int(first_drift[0][0]) - start_ms) / 60_000
-    for label, which in (
-        ("batch model promoted (CLI)", "startsWith(reason, 'demo:')"),
-        (
-            "loop promotes the online model",
-            "startsWith(reason, 'judged') AND startsWith(version, 'online')",
-        ),
-        (
-            "loop promotes a retrained model",
-            "startsWith(reason, 'judged') AND startsWith(version, 'v')",
-        ),
+    for label, reason, version in (
+        ("batch model promoted (CLI)", "demo:", ""),
+        ("loop promotes the online model", "judged", "online"),
+        ("loop promotes a retrained model", "judged", "v"),
     ):
-        _, promoted = worker.query(f"""
-            SELECT toUnixTimestamp64Milli(ts) FROM audit_events FINAL
-            WHERE pipeline = '{PIPELINE}' AND action = 'promoted' AND ts >= {since}
-              AND {which} ORDER BY ts LIMIT 1""")
+        promoted = _ask(worker, sql.first_promotion_ms(PIPELINE, since, reason, version))
         if not promoted:
             continue
         # where it took effect: the event time of the first answer served after it
-        _, first = worker.query(f"""
-            SELECT toUnixTimestamp64Milli(min(ts)) FROM predictions
-            WHERE pipeline = '{PIPELINE}' AND {report.run_filter} AND served = 1
-              AND inserted_at >= fromUnixTimestamp64Milli({int(promoted[0][0])})""")
+        first = _ask(worker, sql.first_served_after_ms(PIPELINE, prefix, int(promoted[0][0])))
         if first and first[0][0] and int(first[0][0]) > start_ms:
             report.marks[label] = (int(first[0][0]) - start_ms) / 60_000
 

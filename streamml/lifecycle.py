@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd  # type: ignore[import-untyped]
 
+from streamml import sql
 from streamml.config import Settings
 from streamml.errors import RegistryError, TrainingError
 from streamml.models import evaluation, training
@@ -32,7 +33,7 @@ from streamml.schemas.control import ControlEvent
 from streamml.schemas.records import label_problem
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
-from streamml.streams.warehouse import QueryResult, run_query
+from streamml.streams.warehouse import run_query
 
 log = logging.getLogger("streamml.lifecycle")
 Progress = Callable[[int, int, float, float], None]
@@ -73,48 +74,27 @@ def _label(text: str) -> Any:
     return text
 
 
-def training_sql(spec: PipelineSpec, window: Window) -> str:
+def training_query(spec: PipelineSpec, window: Window) -> sql.Query:
     """Features joined with labels, point-in-time correct: each event's features as the
     pipeline computed them at event time, and only labels known by the cutoff."""
-    name = spec.name.replace("'", "")
-    where = [f"pipeline = '{name}'"]
-    if window.since_ms is not None:
-        where.append(f"ts >= fromUnixTimestamp64Milli({int(window.since_ms)})")
-    if window.until_ms is not None:
-        where.append(f"ts < fromUnixTimestamp64Milli({int(window.until_ms)})")
     cutoff = window.cutoff_ms if window.cutoff_ms is not None else window.until_ms
-    known = f"AND inserted_at <= fromUnixTimestamp64Milli({int(cutoff)})" if cutoff else ""
-    limit = f"ORDER BY ts_ms DESC LIMIT {int(window.last_events)}" if window.last_events else ""
-    return f"""
-        SELECT event_id, ts_ms, features, label FROM (
-            SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
-                   f.features AS features, l.label AS label
-            FROM (
-                SELECT event_id, argMax(ts, inserted_at) AS event_ts,
-                       argMax(features, inserted_at) AS features
-                FROM features WHERE {" AND ".join(where)} GROUP BY event_id
-            ) AS f
-            INNER JOIN (
-                SELECT event_id, argMax(label, inserted_at) AS label
-                FROM labels WHERE pipeline = '{name}' {known} GROUP BY event_id
-            ) AS l ON f.event_id = l.event_id
-            {limit}
-        ) ORDER BY ts_ms, event_id
-    """
+    return sql.training_rows(
+        spec.name, window.since_ms, window.until_ms, cutoff, window.last_events
+    )
 
 
-Query = Callable[[str], QueryResult]
+Query = sql.Runner
 
 
 def _query(settings: Settings, query: Query | None) -> Query:
-    return query if query is not None else lambda sql: run_query(settings, sql)
+    return query if query is not None else lambda text, params: run_query(settings, text, params)
 
 
 def read_training_rows(
     settings: Settings, spec: PipelineSpec, window: Window, query: Query | None = None
 ) -> Any:
     """The training frame (one row per labelled event, a column per feature)."""
-    result = _query(settings, query)(training_sql(spec, window))
+    result = sql.run(_query(settings, query), training_query(spec, window))
     rows, refused = [], Counter[str]()
     for e, ts, f, y in result.rows:
         label = _label(str(y))
@@ -166,11 +146,8 @@ def champion_metrics(
         aligned = _align(outputs, entry, result)
         return entry.version, evaluation.metrics_for(test, aligned, threshold)
     version = online_version(spec)
-    ids = "','".join(e.replace("'", "") for e in test.event_ids)
-    served = _query(settings, query)(
-        f"SELECT event_id, any(score), any(probabilities) FROM predictions "
-        f"WHERE pipeline = '{spec.name}' AND model_version = '{version}' "
-        f"AND event_id IN ('{ids}') GROUP BY event_id",
+    served = sql.run(
+        _query(settings, query), sql.served_scores(spec.name, version, list(test.event_ids))
     )
     found = {str(r[0]): (float(r[1]), dict(r[2])) for r in served.rows}
     keep = [i for i, e in enumerate(test.event_ids) if e in found]
@@ -250,7 +227,7 @@ def train_and_register(
     here; the trainer role runs it in a process of its own)."""
     if spec.batch_model is None:
         raise TrainingError(f"{spec.name}: the spec has no batch_model section")
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     cutoff = window.cutoff_ms or int(time.time() * 1000)
     window = Window(window.since_ms, window.until_ms, window.last_events, cutoff)
     clock = _Clock()
@@ -406,7 +383,7 @@ def _event(
 def promote(
     settings: Settings, spec: PipelineSpec, version: str | None, reason: str
 ) -> ModelVersion:
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     before = registry.champion(spec.name)
     if version is not None:  # refuse a model that would not load, before any stage changes
         load_scorer(registry, spec, registry.get(spec.name, version))
@@ -425,7 +402,7 @@ def promote(
 def rollback(settings: Settings, spec: PipelineSpec, reason: str) -> str:
     """Bring back the previous champion; after the first batch champion that is the online
     model. Returns the version now serving."""
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     before = registry.champion(spec.name)
     if before is None:
         raise RegistryError(
@@ -458,7 +435,7 @@ def serve_online(
     (archived, and still in ``rollback``'s history). With ``fresh``, the fresh online model
     started at the last change is promoted: the engines give its weights to the online
     model. Returns the version promoted."""
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     before = registry.champion(spec.name)
     if before is None and fresh is None:
         raise RegistryError(f"{spec.name}: the online model serves already")
@@ -478,7 +455,7 @@ def serve_online(
 
 
 def archive(settings: Settings, spec: PipelineSpec, version: str, reason: str) -> ModelVersion:
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     entry = registry.archive(spec.name, version, reason=reason)
     asyncio.run(control.publish(settings, _event(spec, "archived", entry, reason=reason)))
     return entry
@@ -492,7 +469,7 @@ def set_challenger(
     share: float | None,
     reason: str,
 ) -> ModelVersion:
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     load_scorer(registry, spec, registry.get(spec.name, version))  # refuse a bad artifact
     entry = registry.set_challenger(spec.name, version, mode, share, reason=reason)
     asyncio.run(control.publish(settings, _event(spec, "challenger_set", entry, reason=reason)))

@@ -4,7 +4,8 @@ For a run of the demo stream (event ids ``<prefix><i>``, the change at index ``c
 served accuracy per phase beside the majority-class baseline and the best shadow *on the
 same events*, the rolling served accuracy, and how many events after the change it took
 until the rolling accuracy over ``window`` labelled events was back at a target. Used by
-``streamml demo`` (its table and chart) and ``bench/loop.py``.
+``streamml demo`` (its table and chart) and ``bench/loop.py``, on the rows of
+:func:`streamml.sql.served_rows`.
 """
 
 from __future__ import annotations
@@ -114,18 +115,3 @@ def analyse(
             result.recovery_events = order[pos] - change
             break
     return result
-
-
-def served_rows_sql(pipeline: str, prefix: str) -> str:
-    """(index, version, served, predicted class, label) of every model on every labelled
-    event whose id is ``<prefix><index>``."""
-    return f"""
-        SELECT toUInt64(substring(p.event_id, {len(prefix) + 1})) AS i, p.model_version,
-               p.served, p.predicted_class, l.label
-        FROM (SELECT event_id, model_version, max(served) AS served,
-                     any(predicted_class) AS predicted_class
-              FROM predictions WHERE pipeline = '{pipeline}' AND startsWith(event_id, '{prefix}')
-              GROUP BY event_id, model_version) AS p
-        INNER JOIN (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
-                    WHERE pipeline = '{pipeline}' GROUP BY event_id) AS l
-        ON p.event_id = l.event_id"""

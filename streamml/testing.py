@@ -13,6 +13,9 @@ from streamml.config import Settings, load_settings
 from streamml.models.registry import ModelVersion, Registry
 from streamml.streams.warehouse import Warehouse
 
+# the model signing key of test registries (a test of refusal signs with another one)
+TEST_SIGNING_KEY = b"streamml-test-model-signing-key"
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -50,10 +53,11 @@ def temporary_warehouse(settings: Settings, database: str) -> Iterator[Warehouse
 
 
 @contextmanager
-def temporary_registry() -> Iterator[Registry]:
-    """An empty model registry in a temporary directory, removed afterwards."""
+def temporary_registry(signing_key: bytes = TEST_SIGNING_KEY) -> Iterator[Registry]:
+    """An empty model registry in a temporary directory, signing with ``signing_key``;
+    removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="streamml-registry-") as root:
-        yield Registry(Path(root))
+        yield Registry(Path(root), signing_key=signing_key)
 
 
 def register_dummy(

@@ -15,51 +15,32 @@ import json
 import logging
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streamml import sql
 from streamml.config import Settings
 from streamml.models.alerts import AlertBook, AlertTransition
 from streamml.schemas.control import ControlEvent
 from streamml.schemas.operations import AlertRule
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
-from streamml.streams.kafka import bounded, close_quietly
-from streamml.streams.warehouse import QueryResult
+from streamml.streams.kafka import bounded, client_options, close_quietly
 
 log = logging.getLogger("streamml.alerts")
-Query = Callable[[str], QueryResult]
-MODEL_METRICS = ("accuracy", "f1", "roc_auc", "rmse", "mae")
-
-
-def metric_sql(spec: PipelineSpec, rule: AlertRule) -> str | None:
-    """SQL giving (value, n) of a rule's metric over its window; None for consumer lag."""
-    name, since = spec.name, f"now64(3) - toIntervalMillisecond({int(rule.window_s * 1000)})"
-    if rule.metric in MODEL_METRICS:
-        return (
-            f"SELECT sum(value * n) / sum(n), sum(n) FROM metrics FINAL WHERE pipeline = '{name}'"
-            f" AND role = 'champion' AND metric = '{rule.metric}' AND updated_at >= {since}"
-        )
-    if rule.metric == "dead_letter_rate":
-        return (
-            f"SELECT d / greatest(d + p, 1), d + p FROM ("
-            f"SELECT (SELECT count() FROM dead_letters WHERE pipeline = '{name}' "
-            f"AND inserted_at >= {since}) AS d, (SELECT count() FROM predictions WHERE "
-            f"pipeline = '{name}' AND served = 1 AND inserted_at >= {since}) AS p)"
-        )
-    if rule.metric == "p99_latency_ms":
-        return (
-            f"SELECT quantile(0.99)(e2e_latency_ms), count() FROM predictions WHERE "
-            f"pipeline = '{name}' AND served = 1 AND inserted_at >= {since}"
-        )
-    return None
+Query = sql.Runner
 
 
 async def consumer_lag(settings: Settings, spec: PipelineSpec, group_id: str) -> int:
     """Records on ``<p>.raw`` and ``<p>.labels`` the pipeline's group has not committed."""
     boot = settings.bootstrap_servers
-    consumer = AIOKafkaConsumer(bootstrap_servers=boot, group_id=group_id, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=boot,
+        group_id=group_id,
+        enable_auto_commit=False,
+        **client_options(settings),
+    )
     await bounded("measure consumer lag", boot, consumer.start(), settings.request_timeout_s)
     try:
         tps = [
@@ -110,11 +91,11 @@ class Alerting:
         return changes
 
     async def _measure(self, spec: PipelineSpec, rule: AlertRule) -> tuple[float | None, int]:
-        sql = metric_sql(spec, rule)
-        if sql is None:  # consumer lag, from Kafka
+        query = sql.alert_metric(spec.name, rule.metric, rule.window_s)
+        if query is None:  # consumer lag, from Kafka
             lag = await consumer_lag(self.settings, spec, f"{self.settings.app_id}-{spec.name}")
             return float(lag), rule.min_events
-        rows = (await asyncio.to_thread(self.query, sql)).rows
+        rows = (await asyncio.to_thread(sql.run, self.query, query)).rows
         if not rows or rows[0][0] is None:
             return None, 0
         value, n = float(rows[0][0]), int(rows[0][1] or 0)

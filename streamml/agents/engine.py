@@ -55,7 +55,7 @@ from streamml.models.serving import ONLINE, Deployment, Slot, online_version
 from streamml.schemas.control import ControlEvent
 from streamml.streams import control
 from streamml.streams.changelog import read_latest
-from streamml.streams.kafka import bounded, close_quietly
+from streamml.streams.kafka import bounded, client_options, close_quietly
 from streamml.streams.outbox import RETRY_FIRST_S, RETRY_MAX_S, Headers, Health, Outbox
 from streamml.streams.producer import SEQ_HEADER
 from streamml.streams.topics import CONTROL_TOPIC, dumps
@@ -101,7 +101,7 @@ class PipelineEngine:
         self._seen_ts: dict[TopicPartition, int] = {}  # newest record timestamp fetched
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self.registry = Registry(settings.registry_path)
+        self.registry = Registry.from_settings(settings)
         # the online model alone until the registry has been read
         self.deployment = Deployment(
             Slot("champion", ONLINE, rt.spec.online_model.kind, online_version(rt.spec))
@@ -130,6 +130,7 @@ class PipelineEngine:
             linger_ms=0,
             max_batch_size=1 << 20,
             request_timeout_ms=int(s.request_timeout_s * 1000),
+            **client_options(s),
         )
         self._consumer = consumer = AIOKafkaConsumer(
             bootstrap_servers=boot,
@@ -142,6 +143,7 @@ class PipelineEngine:
             heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
             rebalance_timeout_ms=int(s.rebalance_timeout_s * 1000),
             request_timeout_ms=int(max(s.request_timeout_s, s.session_timeout_s + 5) * 1000),
+            **client_options(s),
         )
         await bounded("start the producer", boot, producer.start(), s.request_timeout_s)
         following = asyncio.Event()

@@ -15,32 +15,24 @@ cores (:func:`streamml.models.drift.change_point`, :func:`streamml.models.decisi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamml import sql
 from streamml.models.decision import Outputs, ServingDecision, decide, metric_value
 from streamml.models.drift import ChangePoint, change_point
 from streamml.models.online import positive_label
 from streamml.schemas.spec import PipelineSpec
-from streamml.streams.warehouse import QueryResult
 
-Query = Callable[[str], QueryResult]
+Query = sql.Runner
 CONFIRM_ALPHA = 1e-4  # a change is confirmed when the CUSUM p-value is below this
 MIN_SEGMENT = 50  # labelled events on each side of a change point
 # The dated change moves this many labelled events past the CUSUM estimate, whose error is
 # a few dozen events when the error jumps (measured: up to ~120 early on a 0.08 -> 0.4 rise
 # in 50 simulations): a retrain window should hold no event of the old regime.
 SAFETY_EVENTS = 100
-
-
-def _labels_sql(name: str) -> str:
-    return (
-        "SELECT event_id, argMax(label, inserted_at) AS label, "
-        "argMax(label_value, inserted_at) AS label_value "
-        f"FROM labels WHERE pipeline = '{name}' GROUP BY event_id"
-    )
 
 
 def _error(spec: PipelineSpec, predicted: str, score: float, label: str, value: float) -> float:
@@ -64,19 +56,7 @@ def confirm_change(
     """Test the served model's errors on the latest ``last_events`` labelled events with
     event time at or after ``since_ms`` for one rise of the error (all partitions, in event
     time order)."""
-    name = spec.name
-    rows = query(f"""
-        SELECT toUnixTimestamp64Milli(p.event_ts) AS t, p.predicted_class, p.score, l.label,
-               l.label_value
-        FROM (SELECT event_id, any(ts) AS event_ts, any(predicted_class) AS predicted_class,
-                     any(score) AS score
-              FROM predictions
-              WHERE pipeline = '{name}' AND served = 1
-                AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
-              GROUP BY event_id) AS p
-        INNER JOIN ({_labels_sql(name)}) AS l ON p.event_id = l.event_id
-        ORDER BY t DESC, p.event_id DESC
-        LIMIT {int(last_events)}""").rows
+    rows = sql.run(query, sql.served_errors(spec.name, since_ms, last_events)).rows
     rows = list(reversed(rows))
     errors = [_error(spec, str(c), float(s), str(lab), float(v)) for _, c, s, lab, v in rows]
     point = change_point(errors, MIN_SEGMENT)
@@ -122,22 +102,11 @@ def review(
     a model that adapts is judged on what it does now. A promotion also needs
     ``promotion.min_labeled_events`` of those after ``fresh_after_ms`` (the last
     promotion), which bounds churn."""
-    name, promo = spec.name, spec.promotion
+    promo = spec.promotion
     versions = [champion, *candidates]
-    in_list = ", ".join(f"'{v}'" for v in versions)
-    rows = query(f"""
-        SELECT p.event_id, p.model_version, toUnixTimestamp64Milli(p.event_ts),
-               p.predicted_class, p.score, l.label, l.label_value
-        FROM (SELECT event_id, model_version, any(ts) AS event_ts,
-                     any(predicted_class) AS predicted_class, any(score) AS score
-              FROM predictions
-              WHERE pipeline = '{name}' AND model_version IN ({in_list})
-                AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
-                AND event_id IN (SELECT event_id FROM predictions WHERE pipeline = '{name}'
-                                 AND ts >= fromUnixTimestamp64Milli({int(since_ms)})
-                                 ORDER BY ts DESC LIMIT {2 * int(max_events) + 1000})
-              GROUP BY event_id, model_version) AS p
-        INNER JOIN ({_labels_sql(name)}) AS l ON p.event_id = l.event_id""").rows
+    recent = 2 * int(max_events) + 1000
+    found = sql.judged_predictions(spec.name, versions, since_ms, recent)
+    rows = sql.run(query, found).rows
     by_event: dict[str, dict[str, tuple[str, float]]] = {}
     meta: dict[str, tuple[int, str, float]] = {}
     for event_id, version, ts, predicted, score, label, value in rows:

@@ -18,16 +18,21 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from streamml.models.drift import Detection, DriftMonitor
 from streamml.models.features import SEEN, Featurizer, GlobalState
 from streamml.models.online import OnlineLearner, Prediction
+from streamml.schemas.pii import NO_PII, Protector, marked
 from streamml.schemas.spec import PipelineSpec
+from streamml.secrets import pii_key
 from streamml.streams.topics import pipeline_topics, state_topic
 from streamml.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from streamml.config import Settings
 
 # Changelog keys: a one-letter kind, a colon, then the entity or event id.
 WINDOW, JOIN, EARLY = b"w:", b"j:", b"e:"
@@ -190,14 +195,28 @@ class PipelineRuntime:
     counters: Counter[str] = field(default_factory=Counter)
     # dead letters since the engine last read them, by error class (its circuit breaker)
     failures: Counter[str] = field(default_factory=Counter)
+    # protects the spec's pii fields right after validation, and every dead letter
+    pii: Protector = NO_PII
 
     @classmethod
     def from_spec(
-        cls, spec: PipelineSpec, app_id: str, default_partitions: int, telemetry: Telemetry
+        cls,
+        spec: PipelineSpec,
+        app_id: str,
+        default_partitions: int,
+        telemetry: Telemetry,
+        settings: Settings | None = None,
     ) -> PipelineRuntime:
+        """The runtime of one pipeline; ``settings`` give the PII key, read (or generated)
+        only when the spec marks a field pii, which then needs them."""
         partitions = spec.topics.partitions or default_partitions
         topics = {**pipeline_topics(spec), "state": state_topic(app_id, spec)}
-        return cls(spec, Featurizer(spec), topics, partitions, telemetry)
+        pii = NO_PII
+        if marked(spec):
+            if settings is None:
+                raise ValueError(f"{spec.name}: fields marked pii need the settings' PII key")
+            pii = Protector.for_spec(spec, pii_key(settings))
+        return cls(spec, Featurizer(spec), topics, partitions, telemetry, pii=pii)
 
     @property
     def name(self) -> str:

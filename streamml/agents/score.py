@@ -71,7 +71,9 @@ def serve(
     and keep what each model predicted until the label comes."""
     record, message = it.record, it.message
     topics, partition = rt.topics, state.partition
-    key = message.key if message.key is not None else record.event_id.encode()
+    # the entity key (protected when it is pii), never the raw record's key, which may
+    # carry it in clear; partitions are explicit, so the key does not place the record
+    key = (record.entity_key or record.event_id).encode()
     now_ms = int(time.time() * 1000)
     features = {
         "event_id": record.event_id,

@@ -28,7 +28,7 @@ import logging
 import multiprocessing
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ import pandas as pd  # type: ignore[import-untyped]
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from streamml import lifecycle
+from streamml import lifecycle, sql
 from streamml.agents import judge
 from streamml.config import Settings
 from streamml.errors import StreamMLError
@@ -48,12 +48,11 @@ from streamml.models.serving import ONLINE, online_version
 from streamml.schemas.control import ControlEvent
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
-from streamml.streams.kafka import bounded, close_quietly
+from streamml.streams.kafka import bounded, client_options, close_quietly
 from streamml.streams.topics import CONTROL_TOPIC
-from streamml.streams.warehouse import QueryResult
 
 log = logging.getLogger("streamml.trainer")
-Query = Callable[[str], QueryResult]
+Query = sql.Runner
 TICK_S = 2.0
 PENDING_GIVE_UP_S = 600.0
 CONFIRM_WITHIN_S = 60.0  # a suspicion not confirmed by then is dismissed
@@ -77,7 +76,7 @@ class Trainer:
         self.query = query
         self.policies = {name: RetrainPolicy(spec) for name, spec in self.specs.items()}
         self.pending: dict[str, _Pending] = {}
-        self.registry = Registry(settings.registry_path)
+        self.registry = Registry.from_settings(settings)
         self.status: dict[str, str] = {name: "idle" for name in self.specs}
         # pipeline -> (when a concept drift was suspected, event time the test starts from)
         self.suspects: dict[str, tuple[float, int]] = {}
@@ -105,6 +104,7 @@ class Trainer:
             enable_auto_commit=True,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
+            **client_options(s),
         )
         await bounded(
             "start the trainer", s.bootstrap_servers, consumer.start(), s.request_timeout_s
@@ -297,8 +297,8 @@ class Trainer:
         return redated, await asyncio.to_thread(self._labelled_rows, spec, redated)
 
     def _labelled_rows(self, spec: PipelineSpec, window: lifecycle.Window) -> int:
-        sql = f"SELECT count() FROM ({lifecycle.training_sql(spec, window)})"
-        return int(self.query(sql).rows[0][0])
+        count = sql.count_of(lifecycle.training_query(spec, window))
+        return int(sql.run(self.query, count).rows[0][0])
 
     async def _try_train(self, name: str, pending: _Pending) -> None:
         spec, policy = self.specs[name], self.policies[name]

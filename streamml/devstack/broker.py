@@ -1,9 +1,15 @@
-"""Start, stop and inspect the single-node KRaft broker of the dev stack."""
+"""Start, stop and inspect the single-node KRaft broker of the dev stack.
+
+With ``kafka_dev_security`` on, its client listener speaks SASL/SCRAM over TLS: the CA
+and certificate come from :mod:`streamml.devstack.tls`, the SCRAM user is added when the
+storage is formatted (salted here, so the password never appears on a command line).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -14,11 +20,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from streamml.config import LOCAL_HOST, Settings
 from streamml.devstack.jars import Progress, ensure_kafka_jars, find_java, resource_text
-from streamml.errors import BrokerNotReadyError, DevStackError, PortInUseError
+from streamml.errors import BrokerNotReadyError, ConfigError, DevStackError, PortInUseError
+from streamml.secrets import kafka_sasl_password
+
+SCRAM_MECHANISMS = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
+SCRAM_ITERATIONS = 8192
+SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule"
 
 State = Literal["running", "stopped", "stale", "external"]
 LOG_TAIL_LINES = 25
@@ -62,6 +73,7 @@ class LocalBroker:
         self.data_dir = self.home / "data"
         self.pid_file = self.home / "broker.pid"
         self.log_file = self.home / "broker.log"
+        self.security_file = self.home / "security"  # how the storage was formatted
 
     @property
     def bootstrap(self) -> str:
@@ -90,6 +102,7 @@ class LocalBroker:
         self._write_config()
         if not (self.data_dir / "meta.properties").exists():
             self._format(java, classpath)
+        self._check_formatted_security()
         pid = self._spawn(java, classpath)
         self.wait_ready(pid)
         return self.status()
@@ -122,7 +135,8 @@ class LocalBroker:
     def status(self) -> BrokerStatus:
         if not self.settings.uses_local_broker:
             bootstrap = self.settings.bootstrap_servers
-            return BrokerStatus("external", bootstrap, ready=probe_metadata(bootstrap, 5.0))
+            ready = probe_metadata(bootstrap, 5.0, self._probe_options())
+            return BrokerStatus("external", bootstrap, ready=ready)
         record = self._read_pid_record()
         if record is None:
             return BrokerStatus("stopped", self.bootstrap, ready=False, data_dir=str(self.data_dir))
@@ -130,7 +144,7 @@ class LocalBroker:
         return BrokerStatus(
             state="running" if alive else "stale",
             bootstrap=self.bootstrap,
-            ready=alive and probe_metadata(self.bootstrap, 5.0),
+            ready=alive and probe_metadata(self.bootstrap, 5.0, self._probe_options()),
             pid=record.pid,
             version=record.version,
             uptime_s=time.time() - record.started_at if alive else None,
@@ -141,6 +155,7 @@ class LocalBroker:
     def wait_ready(self, pid: int) -> None:
         """Block until the broker answers a metadata request, or explain why it never did."""
         deadline = time.monotonic() + self.settings.kafka_start_timeout_s
+        options = self._probe_options()
         while time.monotonic() < deadline:
             if not _pid_alive(pid):
                 raise BrokerNotReadyError(
@@ -148,7 +163,7 @@ class LocalBroker:
                     + self.log_tail(),
                     hint=f"full log: {self.log_file}",
                 )
-            if probe_metadata(self.bootstrap, 2.0):
+            if probe_metadata(self.bootstrap, 2.0, options):
                 return
             time.sleep(0.3)
         raise BrokerNotReadyError(
@@ -165,16 +180,68 @@ class LocalBroker:
         return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
     # --- internals ------------------------------------------------------------------
+    def _probe_options(self) -> dict[str, Any] | None:
+        """The clients' security options; None when they cannot be built (no CA yet)."""
+        from streamml.streams.kafka import client_options
+
+        try:
+            return client_options(self.settings)
+        except ConfigError:
+            return None
+
+    @property
+    def _secure(self) -> bool:
+        return self.settings.kafka_dev_security
+
+    def _scram_user(self) -> tuple[str, str]:
+        from streamml.streams.kafka import DEV_SASL_USERNAME
+
+        password = kafka_sasl_password(self.settings)
+        assert password is not None  # generated when kafka_dev_security is on
+        return self.settings.kafka_sasl_username or DEV_SASL_USERNAME, password
+
+    def _security_block(self) -> str:
+        if not self._secure:
+            return ""
+        from streamml.devstack.tls import ensure_dev_tls
+
+        tls = ensure_dev_tls(self.settings.secrets_path / "kafka")
+        user, password = self._scram_user()
+        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+        jaas = f'{SCRAM_LOGIN} required username="{user}" password="{quoted}";'
+        jaas = jaas.replace("\\", "\\\\")  # the properties file unescapes once more
+        lines = [
+            "# SASL/SCRAM over TLS (STREAMML_KAFKA_DEV_SECURITY); this file is mode 0600.",
+            f"sasl.enabled.mechanisms={','.join(SCRAM_MECHANISMS)}",
+            "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+            *(
+                f"listener.name.sasl_ssl.{m.lower()}.sasl.jaas.config={jaas}"
+                for m in SCRAM_MECHANISMS
+            ),
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={tls.broker_keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={tls.ca_cert}",
+            "ssl.client.auth=none",
+        ]
+        return "\n".join(lines)
+
     def _write_config(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         text = (
             resource_text("server.properties")
+            .replace("@LISTENER@", "SASL_SSL" if self._secure else "PLAINTEXT")
             .replace("@PORT@", str(self.settings.kafka_port))
             .replace("@CONTROLLER_PORT@", str(self.settings.kafka_controller_port))
             .replace("@DATA_DIR@", str(self.data_dir))
             .replace("@PARTITIONS@", str(self.settings.topic_partitions))
+            .replace("@SECURITY@", self._security_block())
         )
-        (self.home / "server.properties").write_text(text, "utf-8")
+        path = self.home / "server.properties"
+        path.unlink(missing_ok=True)  # may hold the SCRAM password: created 0600
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
         (self.home / "log4j2.properties").write_text(resource_text("log4j2.properties"), "utf-8")
 
     def _java_cmd(self, java: Path, classpath: str, *args: str) -> list[str]:
@@ -202,12 +269,36 @@ class LocalBroker:
             "-c",
             str(self.home / "server.properties"),
         )
+        if self._secure:
+            user, password = self._scram_user()
+            for mechanism in SCRAM_MECHANISMS:
+                cmd += ["--add-scram", scram_credential(mechanism, user, password)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
         if proc.returncode != 0:
             raise DevStackError(
                 "formatting the broker's KRaft storage failed:\n"
                 + (proc.stdout + proc.stderr).strip()[-2000:],
                 hint=f"remove {self.data_dir} to start from empty storage",
+            )
+        self.security_file.write_text(self._security_mode(), "utf-8")
+
+    def _security_mode(self) -> str:
+        return f"SASL_SSL user={self._scram_user()[0]}" if self._secure else "PLAINTEXT"
+
+    def _check_formatted_security(self) -> None:
+        """SCRAM users are added only when the storage is formatted: a storage formatted
+        otherwise cannot serve the settings' security."""
+        try:
+            formatted = self.security_file.read_text("utf-8").strip()
+        except FileNotFoundError:
+            formatted = "PLAINTEXT"
+        wanted = self._security_mode()
+        if self._secure and formatted != wanted:
+            raise DevStackError(
+                f"the broker's storage in {self.data_dir} was formatted for {formatted}, "
+                f"not {wanted} (STREAMML_KAFKA_DEV_SECURITY)",
+                hint=f"retrying will not help: run `streamml down`, remove {self.data_dir} "
+                "and run `streamml up` again (its topics are lost)",
             )
 
     def _spawn(self, java: Path, classpath: str) -> int:
@@ -283,8 +374,29 @@ def check_port_free(port: int, host: str = LOCAL_HOST) -> None:
         )
 
 
-def probe_metadata(bootstrap: str, timeout_s: float) -> bool:
-    """True if the cluster answers a metadata request and lists at least one broker."""
+def scram_credential(mechanism: str, user: str, password: str, salt: bytes | None = None) -> str:
+    """A ``kafka-storage format --add-scram`` argument holding the salted password
+    (RFC 5802 Hi(), as Kafka stores it), so the password itself stays off the command line.
+
+    >>> scram_credential("SCRAM-SHA-256", "u", "p", b"salt")[:56]
+    'SCRAM-SHA-256=[name=u,iterations=8192,salt="c2FsdA==",sa'
+    """
+    salt = salt if salt is not None else os.urandom(16)
+    salted = hashlib.pbkdf2_hmac(
+        SCRAM_MECHANISMS[mechanism], password.encode(), salt, SCRAM_ITERATIONS
+    )
+    b64 = base64.b64encode
+    return (
+        f"{mechanism}=[name={user},iterations={SCRAM_ITERATIONS},"
+        f'salt="{b64(salt).decode()}",saltedpassword="{b64(salted).decode()}"]'
+    )
+
+
+def probe_metadata(bootstrap: str, timeout_s: float, options: dict[str, Any] | None = None) -> bool:
+    """True if the cluster answers a metadata request and lists at least one broker.
+
+    ``options`` are the clients' security options (``client_options``; None: PLAINTEXT),
+    so the probe also authenticates: a broker that refuses them counts as not ready."""
     from aiokafka.client import AIOKafkaClient
 
     # aiokafka logs every refused connection at ERROR; while probing they are expected.
@@ -297,6 +409,7 @@ def probe_metadata(bootstrap: str, timeout_s: float) -> bool:
             bootstrap_servers=bootstrap,
             request_timeout_ms=int(timeout_s * 1000),
             metadata_max_age_ms=1000,
+            **(options or {}),
         )
         try:
             await asyncio.wait_for(client.bootstrap(), timeout_s)

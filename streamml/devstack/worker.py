@@ -13,8 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from streamml.config import Settings
-from streamml.errors import DevStackError
+from streamml.errors import DevStackError, StreamMLError
+from streamml.queryclient import query_worker
 
 
 class WorkerProcess:
@@ -71,18 +74,11 @@ class WorkerProcess:
             return data
 
     def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
-        request = urllib.request.Request(
-            self.base + "/query",
-            data=json.dumps({"sql": sql}).encode(),
-            method="POST",
-            headers={"content-type": "application/json"},
-        )
+        """Columns and rows of ``sql``, run read-only through /query with the token."""
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                data = json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise DevStackError(f"query failed: {exc.read().decode()[:500]}") from None
-        return data["columns"], data["rows"]
+            return query_worker(self.settings, sql, timeout_s=60.0, base=self.base)
+        except StreamMLError as exc:
+            raise DevStackError(f"query failed: {exc}") from None
 
     def stop(self, timeout_s: float = 30.0) -> str:
         if self.proc is None or self.proc.poll() is not None:
@@ -111,9 +107,12 @@ class WorkerProcess:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as STREAMML_* variables, for a child process."""
+    """The settings as STREAMML_* variables, for a child process (secrets in clear: the
+    child needs their values, and the environment of a process is private to its user)."""
     env = {}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             env["STREAMML_" + name.upper()] = str(value)
     return env

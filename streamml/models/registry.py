@@ -4,6 +4,12 @@ and ``root/<pipeline>/stages.json`` (champion, challengers, history).
 A version directory is built aside and renamed in, so it appears whole or not at all; files are
 written atomically; changes hold a per-pipeline ``fcntl`` lock, so processes never share a
 version. Callers mirror :meth:`ModelVersion.to_row` into ClickHouse ``model_versions``.
+
+Every version is signed at registration: an HMAC-SHA256, under the key the registry is given
+(``streamml.secrets.model_signing_key``), of a message binding the artifact's sha256 to the
+pipeline, version and metadata it is served with (:func:`signing_message`). The signature is
+checked with the checksum before an artifact is loaded, so an unsigned artifact, one signed
+with another key, or one whose metadata was edited is refused.
 """
 
 from __future__ import annotations
@@ -13,18 +19,23 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamml.errors import ArtifactIntegrityError, RegistryError
+from streamml.secrets import model_signing_key
+
+if TYPE_CHECKING:
+    from streamml.config import Settings
 
 KINDS = ("batch", "online")
 MODES = ("shadow", "canary")
@@ -36,6 +47,89 @@ _META_FIELDS = ("model_name", "spec_hash", "feature_names", "classes", "task", "
                 "parent_version")  # fmt: skip
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
+SIGNATURE_ALGORITHM = "hmac-sha256"
+# meta.json keys a signature binds: the artifact's bytes (through sha256) to where and how
+# they are served; a signature moved to another version or edited metadata no longer matches
+SIGNED_FIELDS = ("pipeline", "version", "kind", "sha256", "spec_hash", "feature_names",
+                 "classes", "task")  # fmt: skip
+_SIGNATURE_DOMAIN = b"streamml-model-signature/1\n"
+
+
+def key_id(key: bytes) -> str:
+    """A short public name of a signing key: the first 8 hex digits of its sha256.
+
+    >>> key_id(b"k1"), key_id(b"k2")
+    ('6ab9f1eb', '015f7e6b')
+    """
+    return hashlib.sha256(key).hexdigest()[:8]
+
+
+def signing_message(meta: Mapping[str, Any]) -> bytes:
+    """The canonical bytes a version's signature covers: the :data:`SIGNED_FIELDS` of its
+    metadata as compact JSON with sorted keys, after a fixed domain prefix.
+
+    >>> print(signing_message({"pipeline": "p", "version": "v1", "sha256": "ab"}).decode())
+    ... # doctest: +ELLIPSIS
+    streamml-model-signature/1
+    {"classes":null,"feature_names":null,"kind":null,"pipeline":"p","sha256":"ab",...}
+    """
+    signed = {name: meta.get(name) for name in SIGNED_FIELDS}
+    return _SIGNATURE_DOMAIN + json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(meta: Mapping[str, Any], key: bytes) -> dict[str, str]:
+    """The signature of a version's metadata, as stored under ``meta["signature"]``.
+
+    >>> meta = {"pipeline": "p", "version": "v1", "sha256": "ab", "feature_names": ["x"]}
+    >>> sig = sign(meta, b"k1")
+    >>> sig["algorithm"], sig["key_id"], len(sig["hmac"])
+    ('hmac-sha256', '6ab9f1eb', 64)
+    >>> verify(meta | {"signature": sig}, b"k1", "p v1")
+    >>> verify(meta | {"signature": sig, "version": "v2"}, b"k1", "p v2")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamml.errors.ArtifactIntegrityError: p v2: signature does not match its metadata ...
+    """
+    mac = hmac.new(key, signing_message(meta), hashlib.sha256).hexdigest()
+    return {"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id(key), "hmac": mac}
+
+
+def verify(meta: Mapping[str, Any], key: bytes, where: str) -> None:
+    """Raise :class:`ArtifactIntegrityError` unless ``meta`` carries a signature by ``key``
+    over its own signed fields (``where`` names the version in the message).
+
+    >>> verify({"version": "v1"}, b"k1", "p v1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamml.errors.ArtifactIntegrityError: p v1: the artifact is unsigned...
+    >>> verify({"signature": sign({}, b"k2")}, b"k1", "p v1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamml.errors.ArtifactIntegrityError: p v1: signed with another key (key id 015f7e6b, ...
+    """
+    signature = meta.get("signature")
+    if not isinstance(signature, Mapping) or not signature.get("hmac"):
+        raise ArtifactIntegrityError(
+            f"{where}: the artifact is unsigned; only models signed at registration are loaded",
+            hint="register it again through streamml (it signs with the model signing key)",
+        )
+    if signature.get("algorithm") != SIGNATURE_ALGORITHM:
+        raise ArtifactIntegrityError(
+            f"{where}: signature algorithm {signature.get('algorithm')!r} is not supported",
+            hint=f"register it again (signs with {SIGNATURE_ALGORITHM})",
+        )
+    if (signer := str(signature.get("key_id"))) != (mine := key_id(key)):
+        raise ArtifactIntegrityError(
+            f"{where}: signed with another key (key id {signer}, this worker's {mine})",
+            hint="give every worker and the CLI the same STREAMML_MODEL_SIGNING_KEY(_FILE)",
+        )
+    expected = sign(meta, key)["hmac"]
+    if not hmac.compare_digest(str(signature["hmac"]), expected):
+        raise ArtifactIntegrityError(
+            f"{where}: signature does not match its metadata (key id {mine}); "
+            "meta.json was changed after registration",
+            hint="register the model again",
+        )
 
 
 def canary_bucket(entity_key: str) -> float:
@@ -131,8 +225,30 @@ class ModelVersion:
 class Registry:
     """Model versions of every pipeline under one directory (e.g. ``<state_dir>/models``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, signing_key: bytes | None = None) -> None:
+        """``signing_key`` signs new versions and verifies artifacts before they are loaded;
+        without one the registry can list and change stages, but not register or load."""
         self.root = Path(root).expanduser().resolve()
+        self._signing_key = signing_key or None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The registry at ``settings.registry_path`` with the model signing key of
+        ``settings`` (``STREAMML_MODEL_SIGNING_KEY``/``_FILE``, else the generated one)."""
+        return cls(settings.registry_path, signing_key=model_signing_key(settings))
+
+    @property
+    def key_id(self) -> str | None:
+        """The public id of this registry's signing key (None: it has none)."""
+        return None if self._signing_key is None else key_id(self._signing_key)
+
+    def _key(self, error: type[RegistryError], what: str) -> bytes:
+        if self._signing_key is None:
+            raise error(
+                f"cannot {what}: this registry has no model signing key",
+                hint="construct it as Registry(path, signing_key=model_signing_key(settings))",
+            )
+        return self._signing_key
 
     def register(
         self,
@@ -152,7 +268,9 @@ class Registry:
         model_name: str | None = None,
         artifact_name: str | None = None,
     ) -> ModelVersion:
-        """Copy the artifact in as the next version (stage "registered") and return it."""
+        """Copy the artifact in as the next version (stage "registered"), signed with the
+        registry's key, and return it."""
+        key = self._key(RegistryError, f"register a {pipeline} model")
         if kind not in KINDS:
             raise RegistryError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if len(set(feature_names)) != len(feature_names):
@@ -185,6 +303,7 @@ class Registry:
             number = max([state["last_version"], *_numbers(pdir)]) + 1
             version = meta["version"] = f"v{number}"
             meta["created_at"] = _now()
+            meta["signature"] = sign(meta, key)
             for stale in pdir.glob(".staging-*"):  # left by a crash (we hold the lock)
                 shutil.rmtree(stale, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=pdir))
@@ -343,11 +462,15 @@ class Registry:
         expected_features: Sequence[str] | None = None,
         expected_spec_hash: str | None = None,
     ) -> bytes:
-        """The artifact bytes, once its sha256, spec hash and feature list are checked."""
+        """The artifact bytes, once its signature, sha256, spec hash and feature list are
+        checked."""
         vdir, where = self._pdir(pipeline) / version, f"{pipeline} {version}"
         meta = _read_meta(vdir / META_FILE) if _VERSION.match(version) else None
         if meta is None:
             raise ArtifactIntegrityError(f"{where}: {vdir / META_FILE} is missing")
+        key = self._key(ArtifactIntegrityError, f"verify {where}")
+        # signed for the place it is loaded from: a version copied to another number fails
+        verify(meta | {"pipeline": pipeline, "version": version}, key, where)
         path = vdir / str(meta["artifact"])
         try:
             data = path.read_bytes()

@@ -166,6 +166,21 @@ def _parse(payload: bytes) -> Any:
     return value
 
 
+def _show(fspec: FieldSpec, value: Any, quote: bool = False) -> str:
+    """A value as a reason quotes it; a pii field's value never.
+
+    >>> plain, marked = FieldSpec(type="string"), FieldSpec(type="string", pii="redact")
+    >>> _show(plain, "XX", quote=True), _show(marked, "XX")
+    ("'XX'", '(pii value)')
+    """
+    if fspec.pii is not None:
+        return PII_SHOWN
+    return repr(value) if quote else str(value)
+
+
+PII_SHOWN = "(pii value)"
+
+
 def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
     if value is None:
         if fspec.nullable:
@@ -179,11 +194,13 @@ def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
             )
         if isinstance(value, float) and not math.isfinite(value):
             if not fspec.allow_nan:
-                raise _Reject("not_finite", f"field {name!r} is {value}")
+                raise _Reject("not_finite", f"field {name!r} is {_show(fspec, value)}")
             return value
         if kind == "int":
             if isinstance(value, float) and not value.is_integer():
-                raise _Reject("wrong_type", f"field {name!r} must be an integer, got {value}")
+                raise _Reject(
+                    "wrong_type", f"field {name!r} must be an integer, got {_show(fspec, value)}"
+                )
             value = int(value)
             if abs(value) >= _INT_LIMIT:
                 raise _Reject("out_of_range", f"field {name!r} does not fit in 64 bits")
@@ -193,34 +210,39 @@ def _check(name: str, fspec: FieldSpec, value: Any) -> Any:
             except OverflowError:
                 raise _Reject("out_of_range", f"field {name!r} is too large") from None
         if fspec.min is not None and value < fspec.min:
-            raise _Reject("out_of_range", f"field {name!r} = {value} is below min {fspec.min}")
+            shown = _show(fspec, value)
+            raise _Reject("out_of_range", f"field {name!r} = {shown} is below min {fspec.min}")
         if fspec.max is not None and value > fspec.max:
-            raise _Reject("out_of_range", f"field {name!r} = {value} is above max {fspec.max}")
+            shown = _show(fspec, value)
+            raise _Reject("out_of_range", f"field {name!r} = {shown} is above max {fspec.max}")
         return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise _Reject("wrong_type", f"field {name!r} must be true or false")
         return value
     if kind == "timestamp":
-        return _timestamp_ms(name, value)
+        return _timestamp_ms(name, value, fspec.pii is not None)
     if not isinstance(value, str):
         raise _Reject("wrong_type", f"field {name!r} must be a string, got {type(value).__name__}")
     if fspec.max_length is not None and len(value) > fspec.max_length:
         raise _Reject("too_long", f"field {name!r} is longer than {fspec.max_length}")
     if fspec.choices is not None and value not in fspec.choices:
-        raise _Reject("bad_choice", f"field {name!r} = {value!r} is not one of {fspec.choices}")
+        shown = _show(fspec, value, quote=True)
+        raise _Reject("bad_choice", f"field {name!r} = {shown} is not one of {fspec.choices}")
     return value
 
 
-def _timestamp_ms(name: str, value: Any) -> int:
-    """Epoch seconds or milliseconds (numbers), or an ISO 8601 string, to epoch ms."""
+def _timestamp_ms(name: str, value: Any, pii: bool = False) -> int:
+    """Epoch seconds or milliseconds (numbers), or an ISO 8601 string, to epoch ms (a
+    ``pii`` field's value is not quoted in the reason)."""
     if isinstance(value, bool):
         raise _Reject("bad_timestamp", f"field {name!r} must be a time, got a boolean")
     if isinstance(value, int | float):
         try:
             ms = int(value if abs(value) >= 1e11 else value * 1000)
         except (OverflowError, ValueError):
-            raise _Reject("bad_timestamp", f"field {name!r} is {value}") from None
+            shown = PII_SHOWN if pii else str(value)
+            raise _Reject("bad_timestamp", f"field {name!r} is {shown}") from None
         return _in_range(name, ms)
     if isinstance(value, str):
         try:
@@ -229,9 +251,8 @@ def _timestamp_ms(name: str, value: Any) -> int:
                 parsed = parsed.replace(tzinfo=dt.UTC)
             ms = int(parsed.timestamp() * 1000)
         except (ValueError, OverflowError):
-            raise _Reject(
-                "bad_timestamp", f"field {name!r} = {value[:40]!r} is not ISO 8601"
-            ) from None
+            shown = PII_SHOWN if pii else repr(value[:40])
+            raise _Reject("bad_timestamp", f"field {name!r} = {shown} is not ISO 8601") from None
         return _in_range(name, ms)
     raise _Reject("bad_timestamp", f"field {name!r} must be a time, got {type(value).__name__}")
 

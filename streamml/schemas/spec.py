@@ -37,10 +37,14 @@ from streamml.schemas.operations import (
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 FieldType = Literal["float", "int", "bool", "string", "timestamp"]
+# How a field marked personal data is protected right after validation (streamml.schemas.pii)
+PiiMode = Literal["hash", "redact", "drop"]
 
 
 class FieldSpec(_Strict):
-    """One field of the raw record."""
+    """One field of the raw record. ``pii`` marks personal data: never written in clear
+    (``hash``: a keyed hash, still usable as entity key or category; ``redact``: a fixed
+    marker; ``drop``: removed)."""
 
     type: FieldType
     required: bool = True
@@ -50,6 +54,7 @@ class FieldSpec(_Strict):
     max: float | None = None
     choices: list[str] | None = None
     max_length: int | None = Field(default=None, ge=1)
+    pii: PiiMode | None = None
 
 
 class SchemaSpec(_Strict):
@@ -74,6 +79,19 @@ class SchemaSpec(_Strict):
     def _keys_exist(self) -> SchemaSpec:
         if self.entity_key is not None and self.entity_key not in self.fields:
             raise ValueError(f"entity_key {self.entity_key!r} is not one of the fields")
+        ek = self.fields.get(self.entity_key or "")
+        if ek is not None and ek.pii not in (None, "hash"):
+            raise ValueError(
+                f"entity_key {self.entity_key!r} is pii {ek.pii!r}: every entity would become "
+                "one (use pii: hash, which keeps entities apart)"
+            )
+        for role, name in (("event_id", self.event_id), ("timestamp", self.timestamp)):
+            marked = self.fields.get(name)
+            if marked is not None and marked.pii is not None:
+                raise ValueError(
+                    f"the {role} field {name!r} cannot be pii: labels join on the event id and "
+                    "the event time is on every output (use a random event id)"
+                )
         return self
 
 
@@ -285,6 +303,17 @@ class PipelineSpec(_Strict):
             for name in used:
                 if name not in fields and name != self.schema_.timestamp:
                     raise ValueError(f"{where}: field {name!r} is not in schema.fields")
+                pii = fields[name].pii if name in fields else None
+                if pii == "hash" and not isinstance(feature, CategoricalFeature):
+                    raise ValueError(
+                        f"{where}: field {name!r} is pii 'hash' (a keyed-hash string): only "
+                        "onehot, frequency and hashing features can use it"
+                    )
+                if pii in ("redact", "drop"):
+                    raise ValueError(
+                        f"{where}: field {name!r} is pii {pii!r}: no feature can use it "
+                        "(mark it pii: hash to use it as a category)"
+                    )
             names.append(feature.name)
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -420,6 +449,9 @@ class PipelineSpec(_Strict):
         changing them (promoting the batch model, tuning a detector) neither renames the
         online model nor invalidates trained artifacts."""
         data = self.model_dump(mode="json", by_alias=True, exclude=_NOT_HASHED)
+        for field_data in data["schema"]["fields"].values():  # unmarked: the hash as before
+            if field_data.get("pii") is None:
+                field_data.pop("pii", None)
         canonical = json.dumps(data, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamml.config import Settings
 from streamml.errors import BrokerUnavailableError
-from streamml.streams.kafka import bounded, close_quietly
+from streamml.streams.kafka import bounded, client_options, close_quietly
 
 # key -> (value, Kafka timestamp ms); deleted keys (tombstones) are absent
 Log = dict[bytes, tuple[bytes, int]]
@@ -30,6 +30,7 @@ async def read_latest(settings: Settings, topic: str, partitions: Iterable[int])
         fetch_max_wait_ms=50,
         max_partition_fetch_bytes=4 << 20,
         request_timeout_ms=int(settings.request_timeout_s * 1000),
+        **client_options(settings),
     )
     timeout_s = settings.request_timeout_s
     await bounded("read the state changelog", boot, consumer.start(), timeout_s)

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamml.config import Settings
 from streamml.schemas.control import ControlEvent
-from streamml.streams.kafka import bounded, close_quietly, produce
+from streamml.streams.kafka import bounded, client_options, close_quietly, produce
 from streamml.streams.topics import CONTROL_TOPIC
 
 log = logging.getLogger("streamml.control")
@@ -37,6 +37,7 @@ async def follow(
         enable_auto_commit=False,
         fetch_max_wait_ms=200,
         request_timeout_ms=int(settings.request_timeout_s * 1000),
+        **client_options(settings),
     )
     await bounded("follow the control topic", boot, consumer.start(), settings.request_timeout_s)
     try:

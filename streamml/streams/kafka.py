@@ -2,29 +2,39 @@
 
 Every call is bounded by ``Settings.request_timeout_s``; an unreachable or dead
 broker becomes :class:`~streamml.errors.BrokerUnavailableError` naming the
-address, never an endless retry loop.
+address, never an endless retry loop. Every Kafka client of streamml gets its
+security options (TLS, SASL) from :func:`client_options`, so one set of settings
+secures them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from streamml.config import Settings
-from streamml.errors import BrokerUnavailableError
+from streamml.errors import BrokerUnavailableError, ConfigError
 from streamml.schemas.spec import PipelineSpec
+from streamml.secrets import kafka_sasl_password
+
+if TYPE_CHECKING:
+    import faust.types.auth
 
 T = TypeVar("T")
+DEV_SASL_USERNAME = "streamml"  # the SCRAM user the dev broker is formatted with
 
 DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs v1+: a value set on the topic itself
 
@@ -41,6 +51,117 @@ class Message:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How a client connects: the protocol, SASL user and password, and TLS files."""
+
+    protocol: str = "PLAINTEXT"
+    mechanism: str = "SCRAM-SHA-512"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+
+def dev_ca_file(settings: Settings) -> Path:
+    """The CA certificate of the dev broker's TLS listener (see streamml.devstack.tls)."""
+    return settings.secrets_path / "kafka" / "ca.crt"
+
+
+def kafka_security(settings: Settings) -> KafkaSecurity:
+    """The settings' Kafka security. With ``kafka_dev_security`` on, what is not set
+    explicitly comes from the dev broker: SASL_SSL, user ``streamml``, its generated
+    password and CA.
+
+    >>> kafka_security(Settings()).protocol
+    'PLAINTEXT'
+    """
+    protocol: str = settings.kafka_security_protocol
+    username = settings.kafka_sasl_username
+    cafile = settings.kafka_ssl_cafile
+    if settings.kafka_dev_security:
+        protocol = "SASL_SSL" if protocol == "PLAINTEXT" else protocol
+        username = username or DEV_SASL_USERNAME
+        cafile = cafile or dev_ca_file(settings)
+    security = KafkaSecurity(
+        protocol=protocol,
+        mechanism=settings.kafka_sasl_mechanism,
+        username=username,
+        cafile=cafile,
+        certfile=settings.kafka_ssl_certfile,
+        keyfile=settings.kafka_ssl_keyfile,
+    )
+    if not security.uses_sasl:
+        return security
+    password = kafka_sasl_password(settings)
+    if not username or password is None:
+        raise ConfigError(
+            f"STREAMML_KAFKA_SECURITY_PROTOCOL={protocol} needs a SASL user and password",
+            hint="set STREAMML_KAFKA_SASL_USERNAME and STREAMML_KAFKA_SASL_PASSWORD "
+            "(or STREAMML_KAFKA_SASL_PASSWORD_FILE)",
+        )
+    return replace(security, password=password)
+
+
+def ssl_context(security: KafkaSecurity) -> ssl.SSLContext:
+    """A client TLS context that verifies the broker against ``cafile`` (or the system CAs)."""
+    try:
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=security.cafile, certfile=security.certfile, keyfile=security.keyfile
+        )
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(str(p) for p in (security.cafile, security.certfile) if p)
+        raise ConfigError(
+            f"cannot load the Kafka TLS files ({files or 'system CAs'}): {exc}",
+            hint="check STREAMML_KAFKA_SSL_CAFILE/CERTFILE/KEYFILE; with "
+            "STREAMML_KAFKA_DEV_SECURITY the CA is made by `streamml up`",
+        ) from None
+    return context
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments that every AIOKafkaProducer/Consumer/AdminClient of streamml
+    takes: the security protocol, the TLS context and the SASL credentials.
+
+    >>> client_options(Settings())
+    {'security_protocol': 'PLAINTEXT'}
+    """
+    security = kafka_security(settings)
+    options: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.uses_tls:
+        options["ssl_context"] = ssl_context(security)
+    if security.uses_sasl:
+        options["sasl_mechanism"] = security.mechanism
+        options["sasl_plain_username"] = security.username
+        options["sasl_plain_password"] = security.password
+    return options
+
+
+def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """The same security for the Faust app (``broker_credentials``); None for PLAINTEXT."""
+    from faust.auth import SASLCredentials, SSLCredentials
+
+    security = kafka_security(settings)
+    context = ssl_context(security) if security.uses_tls else None
+    if security.uses_sasl:
+        return SASLCredentials(
+            username=security.username,
+            password=security.password,
+            ssl_context=context,
+            mechanism=security.mechanism,
+        )
+    return SSLCredentials(context) if context is not None else None
+
+
 async def bounded(what: str, bootstrap: str, aw: Awaitable[T], timeout_s: float) -> T:
     try:
         return await asyncio.wait_for(aw, timeout_s)
@@ -48,7 +169,9 @@ async def bounded(what: str, bootstrap: str, aw: Awaitable[T], timeout_s: float)
         reason = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         raise BrokerUnavailableError(
             f"Kafka at {bootstrap} failed to {what} within {timeout_s:.0f} s ({reason})",
-            hint="is the broker running? `streamml status` shows it; `streamml up` starts it",
+            hint="is the broker running (`streamml status`; `streamml up` starts it), and do "
+            "STREAMML_KAFKA_SECURITY_PROTOCOL and the SASL/TLS settings match its listener? "
+            "Retry once it is up",
         ) from exc
 
 
@@ -62,7 +185,9 @@ async def close_quietly(aw: Awaitable[object], timeout_s: float) -> None:
 async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
     bootstrap = settings.bootstrap_servers
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(settings.request_timeout_s * 1000)
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(settings.request_timeout_s * 1000),
+        **client_options(settings),
     )
     await bounded("connect", bootstrap, admin.start(), settings.request_timeout_s)
     try:
@@ -175,6 +300,7 @@ async def produce(
         acks="all",
         request_timeout_ms=int(settings.request_timeout_s * 1000),
         enable_idempotence=True,
+        **client_options(settings),
     )
     await bounded("connect", bootstrap, producer.start(), settings.request_timeout_s)
     try:
@@ -212,6 +338,7 @@ async def consume(
         request_timeout_ms=int(settings.request_timeout_s * 1000),
         session_timeout_ms=int(settings.session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
+        **client_options(settings),
     )
     await bounded("connect", bootstrap, consumer.start(), settings.request_timeout_s)
     got: list[Message] = []
@@ -250,6 +377,7 @@ async def fetch_at(settings: Settings, topic: str, partition: int, offset: int) 
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         request_timeout_ms=int(settings.request_timeout_s * 1000),
+        **client_options(settings),
     )
     await bounded("connect", bootstrap, consumer.start(), settings.request_timeout_s)
     try:

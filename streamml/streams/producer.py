@@ -46,7 +46,7 @@ from streamml.config import Settings
 from streamml.errors import StreamMLError
 from streamml.models.synthetic import Example
 from streamml.schemas.spec import PipelineSpec
-from streamml.streams.kafka import bounded, close_quietly
+from streamml.streams.kafka import bounded, client_options, close_quietly
 from streamml.streams.ledger import Ledger
 from streamml.streams.topics import dumps, pipeline_topics
 
@@ -196,6 +196,7 @@ class _Delivery:
             request_timeout_ms=int(timeout_s * 1000),
             enable_idempotence=True,
             max_batch_size=262_144,
+            **client_options(self.settings),
         )
         try:
             await bounded("connect", self.settings.bootstrap_servers, producer.start(), timeout_s)

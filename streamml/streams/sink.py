@@ -34,7 +34,7 @@ from streamml.schemas.control import ControlEvent
 from streamml.schemas.records import DeadLetter, Source, validate_label
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams import control
-from streamml.streams.kafka import close_quietly
+from streamml.streams.kafka import client_options, close_quietly
 from streamml.streams.rows import (
     COLUMNS,
     control_rows,
@@ -254,6 +254,7 @@ class WarehouseSink:
             session_timeout_ms=int(self.settings.session_timeout_s * 1000),
             heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
             fetch_max_wait_ms=100,
+            **client_options(self.settings),
         )
 
     async def _poll(

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import json
 import re
 import struct
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,8 @@ from streamml.errors import (
     WarehouseRefusedError,
 )
 from streamml.schemas.migrations import Migration, load_migrations
+from streamml.secrets import clickhouse_password
+from streamml.sql import Query
 
 MIGRATIONS_TABLE = "schema_migrations"
 
@@ -80,26 +79,45 @@ def _check_chdb_path(path: str) -> None:
     _chdb_path_in_this_process = path
 
 
-def _open_client(dsn: str, database: str | None) -> Client:
-    scheme = urlsplit(dsn).scheme
+def _open_client(
+    dsn: str, database: str | None, password: str | None = None, ca_file: Path | None = None
+) -> Client:
+    """A client of the DSN. For a server, ``password`` (from STREAMML_CLICKHOUSE_PASSWORD or
+    its file) replaces one in the DSN, and an https DSN verifies the server against
+    ``ca_file`` when given (else the system's CAs). No error text carries the password."""
+    parts = urlsplit(dsn)
     try:
-        if scheme == "chdb":
-            path = urlsplit(dsn).path
+        if parts.scheme == "chdb":
+            path = parts.path
             if path and path != "memory":
                 Path(path).mkdir(parents=True, exist_ok=True)
                 _check_chdb_path(path)
             return clickhouse_connect.get_client(dsn=dsn, database=database or "")
+        options: dict[str, Any] = {}
+        if password is not None:
+            options["password"] = password
+        if parts.scheme in ("https", "clickhouses"):
+            options["verify"] = True
+            if ca_file is not None:
+                options["ca_cert"] = str(ca_file)
         return clickhouse_connect.get_client(
-            dsn=dsn, database=database or "", connect_timeout=10, send_receive_timeout=60
+            dsn=dsn,
+            database=database or "",
+            connect_timeout=10,
+            send_receive_timeout=60,
+            **options,
         )
     except WarehouseError:
         raise
     except Exception as exc:  # the drivers raise a mix of their own and OS errors
-        text = str(exc) or type(exc).__name__
+        text = (str(exc) or type(exc).__name__).splitlines()[0][:300]
+        for secret in (password, parts.password):
+            if secret:
+                text = text.replace(secret, "***")
         raise WarehouseError(
-            f"cannot connect to the warehouse {mask_dsn(dsn)}: {text.splitlines()[0][:300]}",
-            hint="check STREAMML_CLICKHOUSE_DSN",
-        ) from exc
+            f"cannot connect to the warehouse {mask_dsn(dsn)}: {text}",
+            hint="check STREAMML_CLICKHOUSE_DSN and STREAMML_CLICKHOUSE_PASSWORD(_FILE)",
+        ) from None
 
 
 class Warehouse:
@@ -118,12 +136,17 @@ class Warehouse:
         """Open the configured warehouse, create the database and apply pending migrations."""
         dsn = settings.warehouse_dsn
         db = settings.clickhouse_database
-        bootstrap = _open_client(dsn, None)
+        password, ca_file = clickhouse_password(settings), settings.clickhouse_ca_file
+        bootstrap = _open_client(dsn, None, password, ca_file)
         try:
             bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {db}")
         except ClickHouseError as exc:
             raise WarehouseError(f"cannot create database {db!r}: {exc}") from exc
-        client = _open_client(dsn, db) if urlsplit(dsn).scheme != "chdb" else bootstrap
+        client = (
+            _open_client(dsn, db, password, ca_file)
+            if urlsplit(dsn).scheme != "chdb"
+            else bootstrap
+        )
         if client is bootstrap:
             client.database = db
         else:
@@ -195,10 +218,15 @@ class Warehouse:
         except ClickHouseError as exc:
             raise WarehouseError(_first_line(exc)) from exc
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None, *, readonly: int = 0
+    ) -> QueryResult:
+        """Run a query; ``readonly`` (1 or 2) runs it under ClickHouse's ``readonly``
+        setting, for this query only, so the engine refuses writes and DDL."""
+        settings = {"readonly": readonly} if readonly else None
         try:
             with self._lock:
-                result = self.client.query(sql, parameters=parameters)
+                result = self.client.query(sql, parameters=parameters, settings=settings)
         except ClickHouseError as exc:
             raise WarehouseError(_first_line(exc)) from exc
         return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
@@ -408,26 +436,22 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def run_query(settings: Settings, sql: str) -> QueryResult:
-    """Run ``sql`` on the warehouse; when a running worker owns the embedded chDB, through
-    that worker's ``/query`` endpoint (the only process that may open it)."""
+def run_query(
+    settings: Settings, sql: str, parameters: dict[str, Any] | None = None
+) -> QueryResult:
+    """Run ``sql`` (with ``{name:Type}`` ``parameters``, bound server-side) on the
+    warehouse; when a running worker owns the embedded chDB, through that worker's
+    ``/query`` endpoint (the only process that may open it), which takes text only: the
+    parameters are then written in as escaped literals (:meth:`streamml.sql.Query.render`)."""
     try:
         with Warehouse.connect(settings) as warehouse:
-            return warehouse.query(sql)
+            return warehouse.query(sql, parameters)
     except WarehouseLockedError as locked:
-        request = urllib.request.Request(
-            f"http://{settings.web_host}:{settings.web_port}/query",
-            data=json.dumps({"sql": sql}).encode(),
-            method="POST",
-            headers={"content-type": "application/json"},
-        )
+        from streamml.queryclient import query_worker  # it imports this module
+
+        text = Query(sql, dict(parameters)).render() if parameters else sql
         try:
-            with urllib.request.urlopen(
-                request, timeout=max(60.0, settings.request_timeout_s)
-            ) as r:
-                data = json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            raise WarehouseError(f"query failed: {exc.read().decode()[:500]}") from None
+            columns, rows = query_worker(settings, text, max(60.0, settings.request_timeout_s))
         except OSError:  # no worker of ours answers: someone else holds the lock
             raise locked from None
-        return QueryResult(data["columns"], [tuple(row) for row in data["rows"]])
+        return QueryResult(columns, [tuple(row) for row in rows])

@@ -213,7 +213,7 @@ def _train_from_the_log(
     outcome = lifecycle.train_and_register(
         settings, spec, Window(cutoff_ms=cutoff_ms), reason="integration test"
     )
-    registry = Registry(settings.registry_path)
+    registry = Registry.from_settings(settings)
     return Lab(settings, spec, sink, other, registry, cutoff_ms, outcome, itertools.count(100))
 
 

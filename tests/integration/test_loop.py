@@ -276,7 +276,7 @@ def lab(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> I
         asyncio.run(ensure_pipeline_topics(settings, list(specs.values())))
         worker = WorkerProcess(settings, list(specs), tmp / "worker.log")
         lab = Lab(
-            settings, specs, worker, Registry(settings.registry_path), hook, itertools.count(41)
+            settings, specs, worker, Registry.from_settings(settings), hook, itertools.count(41)
         )
         try:
             worker.start(timeout_s=180)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from streamml import sql
 from streamml.agents import judge
 from streamml.config import Settings
-from streamml.recovery import analyse, served_rows_sql
+from streamml.recovery import analyse
 from streamml.schemas.catalog import load_pipelines
 from streamml.schemas.spec import PipelineSpec
 from streamml.streams.rows import LABEL_COLUMNS, PREDICTION_COLUMNS
@@ -133,7 +134,7 @@ def test_a_worse_candidate_cannot_win(warehouse: Warehouse, spec: PipelineSpec) 
 
 def test_recovery_reads_what_was_served(warehouse: Warehouse) -> None:
     _write(warehouse, {"v1": (0.95, 0.6), "online": (0.9, 0.97)}, served="v1")
-    rows = warehouse.query(served_rows_sql("demo", "e-")).rows
+    rows = sql.run(warehouse.query, sql.served_rows("demo", "e-")).rows
     typed = [(int(i), str(v), int(s), str(c), str(lab)) for i, v, s, c, lab in rows]
     result = analyse(typed, N, CHANGE)
     after = result.phase("right after it")

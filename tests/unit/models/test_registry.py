@@ -25,14 +25,14 @@ from streamml.models.registry import (
     pick_canary,
     routes_to_canary,
 )
-from streamml.testing import register_dummy, temporary_registry
+from streamml.testing import TEST_SIGNING_KEY, register_dummy, temporary_registry
 
 SQL = Path(__file__).resolve().parents[3] / "streamml" / "schemas" / "sql" / "0001_core_tables.sql"
 
 
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "models")
+    return Registry(tmp_path / "models", signing_key=TEST_SIGNING_KEY)
 
 
 def _champion_with_canary(reg: Registry) -> None:
@@ -89,7 +89,7 @@ def test_a_file_artifact_keeps_its_name(reg: Registry, tmp_path: Path) -> None:
 
 
 def _register_many(root: str, tag: str, count: int, barrier: Any) -> list[str]:
-    registry = Registry(Path(root))
+    registry = Registry(Path(root), signing_key=TEST_SIGNING_KEY)
     barrier.wait()
     payloads = [f"{tag}-{i}".encode() for i in range(count)]
     return [register_dummy(registry, payload=p).version for p in payloads]

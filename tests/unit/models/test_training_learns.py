@@ -38,6 +38,7 @@ from streamml.models.training import (
     prepare,
     train,
 )
+from streamml.testing import TEST_SIGNING_KEY
 from tests.unit.models.test_training import T0_MS, Row, make_rows, make_spec
 
 # The demo's batch_model settings at the slow end of its search space (lr 0.0003): before
@@ -324,7 +325,7 @@ def test_a_batch_champion_is_measured_with_its_own_threshold(
 ) -> None:
     spec, frame, result = learned
     export_onnx(dataclasses.replace(result, threshold=0.9), tmp_path / "champion.onnx")
-    registry = Registry(tmp_path / "models")
+    registry = Registry(tmp_path / "models", signing_key=TEST_SIGNING_KEY)
     registry.register(
         spec.name,
         tmp_path / "champion.onnx",

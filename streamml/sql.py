@@ -1,0 +1,408 @@
+"""Every SQL query streamml runs on its own behalf, in one place, parameterized.
+
+A query is a :class:`Query`: text with ClickHouse ``{name:Type}`` placeholders and the
+values for them, sent apart from the text (clickhouse-connect server-side binding, which
+chDB supports too), so a value -- an event id from a producer, a pipeline name, a model
+version -- is never parsed as SQL. Identifiers are never values: tables and columns are
+fixed in the text, and a name that must be spliced in passes :func:`identifier` first.
+
+>>> q = served_rows("demo", "pay-7-")
+>>> q.parameters
+{'pipeline': 'demo', 'prefix': 'pay-7-', 'start': 7}
+>>> Query("SELECT {id:String}", {"id": "a\\\\'; DROP TABLE t; --"}).render()
+"SELECT CAST('a\\\\\\\\\\\\'; DROP TABLE t; --' AS String)"
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from clickhouse_connect.driver.binding import format_query_value
+
+from streamml.errors import ValidationError
+
+if TYPE_CHECKING:
+    from streamml.streams.warehouse import QueryResult
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*):([A-Za-z0-9_]+(?:\([A-Za-z0-9_, ']*\))?)\}")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+# What runs a query: ``Warehouse.query`` or ``run_query`` bound to settings.
+Runner = Callable[[str, dict[str, Any]], "QueryResult"]
+
+
+@dataclass(frozen=True)
+class Query:
+    """SQL text with ``{name:Type}`` placeholders, and a value for each of them."""
+
+    text: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        named = {m.group(1): m.group(2) for m in PLACEHOLDER.finditer(self.text)}
+        if set(named) != set(self.parameters):
+            raise ValueError(
+                f"placeholders {sorted(named)} do not match parameters {sorted(self.parameters)}"
+            )
+        if "Identifier" in named.values():
+            raise ValueError("identifiers are not parameters: validate them with identifier()")
+
+    def render(self) -> str:
+        """The text with each value written in as an escaped, typed literal (client-side
+        binding, with clickhouse-connect's escaping), for a transport that takes text only
+        (a worker's ``/query`` endpoint)."""
+
+        def literal(m: re.Match[str]) -> str:
+            return f"CAST({format_query_value(self.parameters[m.group(1)])} AS {m.group(2)})"
+
+        return PLACEHOLDER.sub(literal, self.text)
+
+
+def run(runner: Runner, query: Query) -> QueryResult:
+    """Run ``query`` with ``runner`` (e.g. ``warehouse.query``)."""
+    return runner(query.text, query.parameters)
+
+
+def identifier(name: str) -> str:
+    """``name`` if it is a plain identifier (letters, digits, underscores), else an error.
+
+    >>> identifier("predictions")
+    'predictions'
+    >>> identifier("t; DROP TABLE x")
+    Traceback (most recent call last):
+    ...
+    streamml.errors.ValidationError: not a plain SQL identifier: 't; DROP TABLE x'
+    """
+    if not IDENTIFIER.match(name):
+        raise ValidationError(f"not a plain SQL identifier: {name!r}")
+    return name
+
+
+def count_rows(table: str) -> Query:
+    """How many rows a table holds (``table`` must be a plain identifier)."""
+    return Query(f"SELECT count() FROM {identifier(table)}")
+
+
+def count_of(query: Query) -> Query:
+    """How many rows ``query`` returns."""
+    return Query(f"SELECT count() FROM ({query.text})", dict(query.parameters))
+
+
+# --- training ------------------------------------------------------------------------
+def training_rows(
+    pipeline: str,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    cutoff_ms: int | None = None,
+    last_events: int | None = None,
+) -> Query:
+    """(event_id, ts_ms, features, label): features joined with labels, point-in-time
+    correct -- each event's features as computed at event time, only labels known by
+    ``cutoff_ms`` -- optionally only the latest ``last_events``."""
+    params: dict[str, Any] = {"pipeline": pipeline}
+    where = ["pipeline = {pipeline:String}"]
+    if since_ms is not None:
+        where.append("ts >= fromUnixTimestamp64Milli({since_ms:Int64})")
+        params["since_ms"] = int(since_ms)
+    if until_ms is not None:
+        where.append("ts < fromUnixTimestamp64Milli({until_ms:Int64})")
+        params["until_ms"] = int(until_ms)
+    known = ""
+    if cutoff_ms:
+        known = "AND inserted_at <= fromUnixTimestamp64Milli({cutoff_ms:Int64})"
+        params["cutoff_ms"] = int(cutoff_ms)
+    limit = ""
+    if last_events:
+        limit = "ORDER BY ts_ms DESC LIMIT {last_events:UInt64}"
+        params["last_events"] = int(last_events)
+    text = f"""
+        SELECT event_id, ts_ms, features, label FROM (
+            SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
+                   f.features AS features, l.label AS label
+            FROM (
+                SELECT event_id, argMax(ts, inserted_at) AS event_ts,
+                       argMax(features, inserted_at) AS features
+                FROM features WHERE {" AND ".join(where)} GROUP BY event_id
+            ) AS f
+            INNER JOIN (
+                SELECT event_id, argMax(label, inserted_at) AS label
+                FROM labels WHERE pipeline = {{pipeline:String}} {known} GROUP BY event_id
+            ) AS l ON f.event_id = l.event_id
+            {limit}
+        ) ORDER BY ts_ms, event_id"""
+    return Query(text, params)
+
+
+def served_scores(pipeline: str, version: str, event_ids: Sequence[str]) -> Query:
+    """(event_id, score, probabilities) that ``version`` served for these events."""
+    return Query(
+        "SELECT event_id, any(score), any(probabilities) FROM predictions "
+        "WHERE pipeline = {pipeline:String} AND model_version = {version:String} "
+        "AND event_id IN {event_ids:Array(String)} GROUP BY event_id",
+        {"pipeline": pipeline, "version": version, "event_ids": list(event_ids)},
+    )
+
+
+# --- judgement -----------------------------------------------------------------------
+_LABELS = (
+    "SELECT event_id, argMax(label, inserted_at) AS label, "
+    "argMax(label_value, inserted_at) AS label_value "
+    "FROM labels WHERE pipeline = {pipeline:String} GROUP BY event_id"
+)
+
+
+def served_errors(pipeline: str, since_ms: int, last_events: int) -> Query:
+    """(t, predicted_class, score, label, label_value) of the latest ``last_events``
+    labelled events the serving model answered, with event time at or after ``since_ms``."""
+    return Query(
+        f"""
+        SELECT toUnixTimestamp64Milli(p.event_ts) AS t, p.predicted_class, p.score, l.label,
+               l.label_value
+        FROM (SELECT event_id, any(ts) AS event_ts, any(predicted_class) AS predicted_class,
+                     any(score) AS score
+              FROM predictions
+              WHERE pipeline = {{pipeline:String}} AND served = 1
+                AND ts >= fromUnixTimestamp64Milli({{since_ms:Int64}})
+              GROUP BY event_id) AS p
+        INNER JOIN ({_LABELS}) AS l ON p.event_id = l.event_id
+        ORDER BY t DESC, p.event_id DESC
+        LIMIT {{last_events:UInt64}}""",
+        {"pipeline": pipeline, "since_ms": int(since_ms), "last_events": int(last_events)},
+    )
+
+
+def judged_predictions(pipeline: str, versions: Sequence[str], since_ms: int, recent: int) -> Query:
+    """(event_id, version, ts_ms, predicted_class, score, label, label_value) of each of
+    ``versions`` on the latest ``recent`` events (event time from ``since_ms``) that have
+    a label."""
+    return Query(
+        f"""
+        SELECT p.event_id, p.model_version, toUnixTimestamp64Milli(p.event_ts),
+               p.predicted_class, p.score, l.label, l.label_value
+        FROM (SELECT event_id, model_version, any(ts) AS event_ts,
+                     any(predicted_class) AS predicted_class, any(score) AS score
+              FROM predictions
+              WHERE pipeline = {{pipeline:String}} AND model_version IN {{versions:Array(String)}}
+                AND ts >= fromUnixTimestamp64Milli({{since_ms:Int64}})
+                AND event_id IN (SELECT event_id FROM predictions
+                                 WHERE pipeline = {{pipeline:String}}
+                                 AND ts >= fromUnixTimestamp64Milli({{since_ms:Int64}})
+                                 ORDER BY ts DESC LIMIT {{recent:UInt64}})
+              GROUP BY event_id, model_version) AS p
+        INNER JOIN ({_LABELS}) AS l ON p.event_id = l.event_id""",
+        {
+            "pipeline": pipeline,
+            "versions": list(versions),
+            "since_ms": int(since_ms),
+            "recent": int(recent),
+        },
+    )
+
+
+def served_rows(pipeline: str, prefix: str) -> Query:
+    """(index, version, served, predicted class, label) of every model on every labelled
+    event whose id is ``<prefix><index>``."""
+    return Query(
+        """
+        SELECT toUInt64(substring(p.event_id, {start:UInt64})) AS i, p.model_version,
+               p.served, p.predicted_class, l.label
+        FROM (SELECT event_id, model_version, max(served) AS served,
+                     any(predicted_class) AS predicted_class
+              FROM predictions
+              WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
+              GROUP BY event_id, model_version) AS p
+        INNER JOIN (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
+                    WHERE pipeline = {pipeline:String} GROUP BY event_id) AS l
+        ON p.event_id = l.event_id""",
+        {"pipeline": pipeline, "prefix": prefix, "start": len(prefix.encode()) + 1},
+    )
+
+
+# --- alert rules ---------------------------------------------------------------------
+MODEL_METRICS = ("accuracy", "f1", "roc_auc", "rmse", "mae")
+_SINCE = "now64(3) - toIntervalMillisecond({window_ms:Int64})"
+
+
+def alert_metric(pipeline: str, metric: str, window_s: float) -> Query | None:
+    """(value, n) of an alert rule's metric over its window; None for one not measured
+    in the warehouse (consumer lag)."""
+    params: dict[str, Any] = {"pipeline": pipeline, "window_ms": int(window_s * 1000)}
+    if metric in MODEL_METRICS:
+        return Query(
+            "SELECT sum(value * n) / sum(n), sum(n) FROM metrics FINAL "
+            "WHERE pipeline = {pipeline:String} AND role = 'champion' "
+            f"AND metric = {{metric:String}} AND updated_at >= {_SINCE}",
+            {**params, "metric": metric},
+        )
+    if metric == "dead_letter_rate":
+        return Query(
+            "SELECT d / greatest(d + p, 1), d + p FROM ("
+            "SELECT (SELECT count() FROM dead_letters WHERE pipeline = {pipeline:String} "
+            f"AND inserted_at >= {_SINCE}) AS d, (SELECT count() FROM predictions WHERE "
+            f"pipeline = {{pipeline:String}} AND served = 1 AND inserted_at >= {_SINCE}) AS p)",
+            params,
+        )
+    if metric == "p99_latency_ms":
+        return Query(
+            "SELECT quantile(0.99)(e2e_latency_ms), count() FROM predictions WHERE "
+            f"pipeline = {{pipeline:String}} AND served = 1 AND inserted_at >= {_SINCE}",
+            params,
+        )
+    return None
+
+
+# --- the demo's report and the benchmarks --------------------------------------------
+_FROM_MS = "fromUnixTimestamp64Milli({since_ms:Int64})"
+
+
+def _run(pipeline: str, since_ms: int) -> dict[str, Any]:
+    return {"pipeline": pipeline, "since_ms": int(since_ms)}
+
+
+def demo_progress(pipeline: str, prefix: str, since_ms: int) -> Query:
+    """(events of this run in the warehouse, dead letters since the run began)."""
+    return Query(
+        "SELECT (SELECT uniqExact(event_id) FROM predictions WHERE pipeline = "
+        "{pipeline:String} AND startsWith(event_id, {prefix:String})), "
+        "(SELECT count() FROM dead_letters FINAL WHERE pipeline = {pipeline:String} "
+        f"AND ts >= {_FROM_MS})",
+        {**_run(pipeline, since_ms), "prefix": prefix},
+    )
+
+
+def accuracy_per_minute(pipeline: str, prefix: str) -> Query:
+    """(minute, n, accuracy) of the served answers to this run's events."""
+    return Query(
+        """
+        SELECT toStartOfMinute(p.ts) AS minute, count() AS n,
+               round(avg(p.predicted_class = l.label), 3) AS accuracy
+        FROM (SELECT event_id, ts, predicted_class FROM predictions FINAL
+              WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
+              AND served = 1) AS p
+        INNER JOIN (SELECT event_id, label FROM labels FINAL
+                    WHERE pipeline = {pipeline:String}) AS l
+        USING event_id
+        GROUP BY minute ORDER BY minute""",
+        {"pipeline": pipeline, "prefix": prefix},
+    )
+
+
+def latency_quantiles(pipeline: str, prefix: str) -> Query:
+    """p50/p99 of scoring and of event-to-prediction latency, and the answers counted."""
+    return Query(
+        """
+        SELECT quantile(0.5)(latency_ms), quantile(0.99)(latency_ms),
+               quantile(0.5)(e2e_latency_ms), quantile(0.99)(e2e_latency_ms), count()
+        FROM predictions FINAL WHERE pipeline = {pipeline:String}
+        AND startsWith(event_id, {prefix:String}) AND served = 1""",
+        {"pipeline": pipeline, "prefix": prefix},
+    )
+
+
+def dead_letter_causes(pipeline: str, since_ms: int) -> Query:
+    """(error_class, n, example reason) of the dead letters since ``since_ms``."""
+    return Query(
+        "SELECT error_class, count() AS n, any(reason) AS example FROM dead_letters FINAL "
+        f"WHERE pipeline = {{pipeline:String}} AND ts >= {_FROM_MS} "
+        "GROUP BY error_class ORDER BY n DESC",
+        _run(pipeline, since_ms),
+    )
+
+
+def audit_trail(pipeline: str, since_ms: int) -> Query:
+    """(at, action, version, previous, why) of the lifecycle's audit events."""
+    return Query(
+        """
+        SELECT formatDateTime(ts, '%H:%i:%S') AS at, action, version, previous,
+               substring(reason, 1, 70) AS why
+        FROM audit_events FINAL WHERE pipeline = {pipeline:String}
+        AND ts >= fromUnixTimestamp64Milli({since_ms:Int64})
+        AND action NOT IN ('drift_detected', 'alert') ORDER BY ts, action""",
+        _run(pipeline, since_ms),
+    )
+
+
+def drift_summary(pipeline: str, since_ms: int) -> Query:
+    """(kind, detector, target, n, first) of the drift events."""
+    return Query(
+        "SELECT kind, detector, target, count() AS n, min(ts) AS first FROM drift_events FINAL "
+        f"WHERE pipeline = {{pipeline:String}} AND ts >= {_FROM_MS} "
+        "GROUP BY kind, detector, target ORDER BY first",
+        _run(pipeline, since_ms),
+    )
+
+
+def role_accuracy(pipeline: str, since_ms: int) -> Query:
+    """(model_version, role, labelled, accuracy) from the windowed metrics."""
+    return Query(
+        """
+        SELECT model_version, role, sum(n) AS labelled,
+               round(sum(value * n) / sum(n), 3) AS accuracy
+        FROM metrics FINAL WHERE pipeline = {pipeline:String} AND metric = 'accuracy'
+        AND window_start >= toStartOfMinute(fromUnixTimestamp64Milli({since_ms:Int64}))
+        GROUP BY model_version, role ORDER BY min(window_start), role""",
+        _run(pipeline, since_ms),
+    )
+
+
+def first_detail_ms(table: str, key: str, pipeline: str, since_ms: int, **match: str) -> Query:
+    """The least ``details.<key>`` (ms) of the rows of an events table (``audit_events``
+    or ``drift_events``) since ``since_ms`` whose columns equal ``match``."""
+    if table not in ("audit_events", "drift_events"):
+        raise ValidationError(f"not an events table: {table!r}")
+    where = "".join(f" AND {identifier(c)} = {{m_{c}:String}}" for c in match)
+    return Query(
+        f"SELECT min(JSONExtractInt(details, {{key:String}})) FROM {table} FINAL "
+        f"WHERE pipeline = {{pipeline:String}} AND ts >= {_FROM_MS}{where}",
+        {**_run(pipeline, since_ms), "key": key, **{f"m_{c}": v for c, v in match.items()}},
+    )
+
+
+def first_promotion_ms(
+    pipeline: str, since_ms: int, reason_prefix: str, version_prefix: str
+) -> Query:
+    """When the first promotion since ``since_ms`` with a reason and version starting so
+    was made (ms)."""
+    return Query(
+        "SELECT toUnixTimestamp64Milli(ts) FROM audit_events FINAL "
+        f"WHERE pipeline = {{pipeline:String}} AND action = 'promoted' AND ts >= {_FROM_MS} "
+        "AND startsWith(reason, {reason_prefix:String}) "
+        "AND startsWith(version, {version_prefix:String}) ORDER BY ts LIMIT 1",
+        {
+            **_run(pipeline, since_ms),
+            "reason_prefix": reason_prefix,
+            "version_prefix": version_prefix,
+        },
+    )
+
+
+def first_served_after_ms(pipeline: str, prefix: str, after_ms: int) -> Query:
+    """The event time (ms) of the first answer served after ``after_ms`` (insert time)."""
+    return Query(
+        "SELECT toUnixTimestamp64Milli(min(ts)) FROM predictions "
+        "WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String}) "
+        "AND served = 1 AND inserted_at >= fromUnixTimestamp64Milli({after_ms:Int64})",
+        {"pipeline": pipeline, "prefix": prefix, "after_ms": int(after_ms)},
+    )
+
+
+def served_events(pipeline: str, prefix: str) -> Query:
+    """How many events with ids starting ``prefix`` were answered."""
+    return Query(
+        "SELECT count() FROM (SELECT event_id FROM predictions WHERE pipeline = "
+        "{pipeline:String} AND served = 1 AND startsWith(event_id, {prefix:String}) "
+        "GROUP BY event_id)",
+        {"pipeline": pipeline, "prefix": prefix},
+    )
+
+
+def audit_details(pipeline: str) -> Query:
+    """(action, details, ts_ms) of every audit event of a pipeline, oldest first."""
+    return Query(
+        "SELECT action, details, toUnixTimestamp64Milli(ts) FROM audit_events FINAL "
+        "WHERE pipeline = {pipeline:String} ORDER BY ts",
+        {"pipeline": pipeline},
+    )
