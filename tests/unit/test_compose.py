@@ -72,3 +72,21 @@ def test_clickhouse_mounts_the_same_ddl() -> None:
         == (_compose()["services"]["worker"]["environment"]["STREAMML_CLICKHOUSE_DATABASE"])
     )
     assert set(CORE_TABLES) <= set(created_tables(load_migrations()))
+
+
+def test_no_secret_is_written_in_the_compose_file() -> None:
+    """Passwords come from .env (scripts/compose-env.sh), the worker's other secrets are
+    generated on its volume, and every published port is on loopback."""
+    services = _compose()["services"]
+    worker_env = services["worker"]["environment"]
+    assert ":" not in worker_env["STREAMML_CLICKHOUSE_DSN"].split("//", 1)[1].split("@")[0]
+    for value in (
+        worker_env["STREAMML_CLICKHOUSE_PASSWORD"],
+        services["clickhouse"]["environment"]["CLICKHOUSE_PASSWORD"],
+    ):
+        assert value.startswith("${STREAMML_CLICKHOUSE_PASSWORD:?")
+    assert worker_env["STREAMML_SECRETS_DIR"].startswith(worker_env["STREAMML_STATE_DIR"])
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:")
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
