@@ -52,13 +52,7 @@ _chdb_path_in_this_process: str | None = None
 def _check_chdb_path(path: str) -> None:
     """Fail clearly, before chDB prints its own noise, if the path cannot be opened here."""
     global _chdb_path_in_this_process
-    if _chdb_path_in_this_process is not None:
-        if _chdb_path_in_this_process != path:
-            raise WarehouseError(
-                f"this process already has the embedded warehouse {_chdb_path_in_this_process} "
-                f"open; chDB cannot open a second path ({path})",
-                hint="use one STREAMML_STATE_DIR / STREAMML_CLICKHOUSE_DSN per process",
-            )
+    if _chdb_path_in_this_process == path:
         return
     status = Path(path) / "status"
     if status.exists():
@@ -76,6 +70,12 @@ def _check_chdb_path(path: str) -> None:
                     "through it, or configure a ClickHouse server with STREAMML_CLICKHOUSE_DSN",
                 ) from None
             fcntl.flock(handle, fcntl.LOCK_UN)
+    if _chdb_path_in_this_process is not None:  # (owned by another process: said above)
+        raise WarehouseError(
+            f"this process already has the embedded warehouse {_chdb_path_in_this_process} "
+            f"open; chDB cannot open a second path ({path})",
+            hint="use one STREAMML_STATE_DIR / STREAMML_CLICKHOUSE_DSN per process",
+        )
     _chdb_path_in_this_process = path
 
 
