@@ -138,6 +138,7 @@ class Settings(BaseSettings):
     # --- ClickHouse ------------------------------------------------------------
     clickhouse_dsn: str | None = Field(
         default=None,
+        repr=False,  # it may carry a password: effective() shows it masked
         description=(
             "STREAMML_CLICKHOUSE_DSN: e.g. http://user:pass@host:8123 for a ClickHouse server; "
             "default: embedded chDB in <state_dir>/chdb."

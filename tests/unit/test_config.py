@@ -107,3 +107,21 @@ def test_docs_configuration_is_the_generated_reference() -> None:
     assert docs.read_text() == reference_markdown(), (
         "regenerate with: streamml config --reference > docs/configuration.md"
     )
+
+
+def test_effective_configuration_never_shows_a_secret(tmp_path: Path) -> None:
+    from streamml.config import load_settings
+
+    planted = {
+        "query_token": "tok-5b1f0e",
+        "kafka_sasl_password": "kafka-9c2d7a",
+        "clickhouse_password": "ch-3e8a41",
+        "model_signing_key": "sign-77d0c2",
+        "pii_key": "pii-1a9f3b",
+    }
+    settings = load_settings(
+        state_dir=tmp_path, clickhouse_dsn="https://u:dsn-4c4c@db:8443", **planted
+    )
+    shown = repr(settings.effective()) + repr(settings) + str(settings)
+    for secret in [*planted.values(), "dsn-4c4c"]:
+        assert secret not in shown
