@@ -505,16 +505,19 @@ def _roc_auc(scores: list[float], truths: list[bool]) -> float:
 def _same_events_auc(
     lab: Lab, pipeline: str, challenger: str, champion: str, since_ms: int, until_ms: int
 ) -> tuple[float, float, int]:
-    """ROC AUC of the challenger and of the champion's served answers on the labelled
-    events both scored between the challenger's deployment and the verdict."""
+    """ROC AUC of the challenger and of the champion on the labelled events both scored,
+    with event time from the verdict's ``since_ms`` and written before the verdict, as the
+    judge selects them: whatever role each model had then (a review may come so soon
+    after a promotion by hand that the champion's answers it judged were made while it
+    still shadowed -- its answers all the same)."""
     rows = lab.rows(
         "SELECT p.event_id AS event_id, p.model_version AS version, p.score AS score, "
         "l.label AS label FROM (SELECT event_id, model_version, any(score) AS score "
         f"FROM predictions WHERE pipeline = '{pipeline}' "
-        f"AND inserted_at >= fromUnixTimestamp64Milli({since_ms}) "
+        f"AND ts >= fromUnixTimestamp64Milli({since_ms}) "
         f"AND inserted_at <= fromUnixTimestamp64Milli({until_ms}) "
-        f"AND ((model_version = '{champion}' AND role = 'champion') "
-        f"OR model_version = '{challenger}') GROUP BY event_id, model_version) AS p "
+        f"AND model_version IN ('{champion}', '{challenger}') "
+        "GROUP BY event_id, model_version) AS p "
         "INNER JOIN (SELECT event_id, argMax(label, inserted_at) AS label FROM labels "
         f"WHERE pipeline = '{pipeline}' GROUP BY event_id) AS l ON p.event_id = l.event_id"
     )
