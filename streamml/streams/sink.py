@@ -31,14 +31,15 @@ from aiokafka.errors import KafkaError
 from streamml.config import Settings
 from streamml.errors import WarehouseError
 from streamml.schemas.control import ControlEvent
+from streamml.schemas.pii import Protector, marked
 from streamml.schemas.records import DeadLetter, Source, validate_label
 from streamml.schemas.spec import PipelineSpec
+from streamml.secrets import pii_key
 from streamml.streams import control
 from streamml.streams.kafka import client_options, close_quietly
 from streamml.streams.rows import (
     COLUMNS,
     control_rows,
-    dead_letter_row,
     dlq_row,
     feature_row,
     label_row,
@@ -143,6 +144,10 @@ class WarehouseSink:
         self._announce = announce or functools.partial(control.publish, settings)
         self._routes = {
             CONTROL_TOPIC: _Route("control", "", lambda r: control_rows(loads(r.value)))
+        }
+        # the dead letters the sink makes itself are protected like the engine's
+        self._pii = {
+            spec.name: Protector.for_spec(spec, pii_key(settings)) for spec in specs if marked(spec)
         }
         for spec in specs:
             self._add_routes(spec)
@@ -346,10 +351,13 @@ class WarehouseSink:
             pipeline = route.pipeline or (row[0] if isinstance(row[0], str) else "")
             buffers[table].append((row, Origin(pipeline, source, record.value or b"")))
 
-    @staticmethod
-    def _dead_letter(pipeline: str, error_class: str, reason: str, origin: Origin) -> Entry:
-        row = dead_letter_row(pipeline, error_class, reason, origin.payload, origin.source)
-        return row, Origin(pipeline, origin.source, origin.payload, made_here=True)
+    def _dead_letter(self, pipeline: str, error_class: str, reason: str, origin: Origin) -> Entry:
+        letter = DeadLetter(error_class, reason, origin.payload, origin.source)
+        protector = self._pii.get(pipeline)
+        if protector is not None:  # its payload, key and reason: never a pii value in clear
+            letter = protector.letter(letter)
+        row = dlq_row(loads(letter.to_json(pipeline)))
+        return row, Origin(pipeline, letter.source, letter.payload, made_here=True)
 
     # --- writing ------------------------------------------------------------------------
     async def _flush_until_written(self, buffers: dict[str, list[Entry]]) -> None:

@@ -181,6 +181,39 @@ def test_an_unreadable_record_becomes_a_dead_letter() -> None:
     assert sink.stats.bad_messages == 2
 
 
+def test_the_sinks_own_dead_letters_keep_no_pii_value_in_clear(tmp_path: Path) -> None:
+    """A spec marking the entity key pii: a record of it that makes no row (its Kafka key
+    the entity key, its payload holding it) is dead-lettered with both protected."""
+    spec = SPEC.model_copy(
+        update={
+            "schema_": SPEC.schema_.model_copy(
+                update={
+                    "fields": {
+                        **SPEC.schema_.fields,
+                        "user_id": SPEC.schema_.fields["user_id"].model_copy(
+                            update={"pii": "hash"}
+                        ),
+                    }
+                }
+            )
+        }
+    )
+    client = FakeClickHouse()
+    settings = load_settings(state_dir=tmp_path, pii_key="k-3f9a")
+    sink = WarehouseSink(settings, [spec], _warehouse(client))
+    planted = b"PLANTED-77ab"
+    payload = b'{"user_id": "PLANTED-77ab", "event_id": 1'  # no row: cut short
+    record = ConsumerRecord(
+        "demo.predictions", 1, 3, 1_767_225_600_000, 0, planted, payload, None, 1, 20, []
+    )
+    buffers: dict[str, list[Entry]] = defaultdict(list)
+    sink._buffer(record, buffers)
+    asyncio.run(sink._flush_until_written(buffers))
+    [letter] = _dead_letters(client)
+    assert letter["error_class"] == "sink_unreadable"
+    assert planted.decode() not in repr(letter)
+
+
 def test_invalid_labels_are_skipped_and_valid_ones_keep_the_validated_value() -> None:
     client = FakeClickHouse()
     sink = _sink(client)
