@@ -760,8 +760,10 @@ def test_a_champion_worse_than_the_baseline_is_replaced_while_events_stream(lab:
         f"the worker to serve {version}",
     )
     load.join()
-    by_version = _accounted(lab, JUDGED)
-    assert {bad_model, version} <= by_version.keys()
+    by_version = _accounted(lab, JUDGED)  # every event served exactly once, across the swap
+    # the new champion served; the bad one may have served none of this load: a review can
+    # replace it before its first event, judging the answers it made while it shadowed
+    assert version in by_version
     # the retrained model, if it is still a challenger, is settled before the next test
     lab.feed_until(JUDGED, lambda: not lab.registry.challengers(JUDGED), 300, 1.0)
 
