@@ -35,6 +35,13 @@ from .helpers import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The comparison with river needs every label applied in produced order. A record waits
+# for the other topic at most order_max_wait_ms (1 s by default, a liveness bound); on a
+# loaded CI machine a fetch of the labels topic once lagged past it and 881 predictions
+# were served before their labels were learned. These tests ask for the exact order.
+EXACT_ORDER_WAIT_MS = 15_000
+
+
 def _start(
     stack: Settings, tmp: Path, source: str, name: str, app_id: str
 ) -> tuple[Settings, PipelineSpec, WorkerProcess]:
@@ -199,7 +206,9 @@ def test_phishing_served_predictions_equal_rivers_progressive_validation(
     """Labels right after their records (delay 0): every served prediction equals river's
     progressive_val_score's for the same model, and so does the reported accuracy."""
     name = "phish"
-    traced = stack_settings.model_copy(update={"otel_exporter": "console"})
+    traced = stack_settings.model_copy(
+        update={"otel_exporter": "console", "order_max_wait_ms": EXACT_ORDER_WAIT_MS}
+    )
     settings, spec, worker = _start(traced, tmp_path, "phishing", name, "grpphish")
     try:
         examples = list(phishing())
@@ -259,7 +268,8 @@ def test_phishing_served_predictions_with_delayed_labels_equal_rivers(
     """Labels 25 events late: the served predictions are river's delayed progressive
     validation with delay=25 (the learn step scores what was served, never re-predicts)."""
     name = "phishd"
-    settings, spec, worker = _start(stack_settings, tmp_path, "phishing", name, "grpphishd")
+    exact = stack_settings.model_copy(update={"order_max_wait_ms": EXACT_ORDER_WAIT_MS})
+    settings, spec, worker = _start(exact, tmp_path, "phishing", name, "grpphishd")
     try:
         examples = list(phishing())
         asyncio.run(produce_examples(settings, spec, examples, label_delay=25))
