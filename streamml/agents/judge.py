@@ -2,11 +2,12 @@
 
 Both read what was served from ClickHouse -- the predictions each model made when the
 event arrived, joined with the labels that came later -- and hand the numbers to the pure
-cores (:func:`streamml.models.drift.change_point`, :func:`streamml.models.decision.decide`).
+cores (:func:`streamml.models.drift.latest_rise`, :func:`streamml.models.decision.decide`).
 
 * :func:`confirm_change`: a detector fired on one partition; over the served model's errors
   on every partition's latest labelled events, a CUSUM change-point test says whether the
-  error rose significantly and at which event the change began.
+  error rose significantly and at which event the latest rise began (a split that lands
+  on an earlier, milder rise is tested again on what follows it).
 * :func:`review`: every model deployed now (champion, batch challengers, the online model)
   is compared with the champion on the same labelled events since the change, by a paired
   bootstrap, and with the trivial baseline on those events.
@@ -22,7 +23,7 @@ import numpy as np
 
 from streamml import sql
 from streamml.models.decision import Outputs, ServingDecision, decide, metric_value
-from streamml.models.drift import ChangePoint, change_point
+from streamml.models.drift import ChangePoint, latest_rise
 from streamml.models.online import positive_label
 from streamml.schemas.spec import PipelineSpec
 
@@ -55,11 +56,11 @@ def confirm_change(
 ) -> Confirmation:
     """Test the served model's errors on the latest ``last_events`` labelled events with
     event time at or after ``since_ms`` for one rise of the error (all partitions, in event
-    time order)."""
+    time order), dated at the latest significant rise."""
     rows = sql.run(query, sql.served_errors(spec.name, since_ms, last_events)).rows
     rows = list(reversed(rows))
     errors = [_error(spec, str(c), float(s), str(lab), float(v)) for _, c, s, lab, v in rows]
-    point = change_point(errors, MIN_SEGMENT)
+    point = latest_rise(errors, MIN_SEGMENT, CONFIRM_ALPHA)
     if point is None:
         return Confirmation(False, None, f"{len(errors)} labelled events: too few to test", None)
     where = f"error {point.before:.3f} -> {point.after:.3f} at event {point.index} of " + (

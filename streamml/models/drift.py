@@ -428,7 +428,7 @@ def kolmogorov_tail(x: float) -> float:
     return float(min(1.0, max(0.0, 2.0 * total)))
 
 
-def change_point(values: Sequence[float], min_segment: int = 30) -> ChangePoint | None:
+def change_point(values: Sequence[float] | FloatArray, min_segment: int = 30) -> ChangePoint | None:
     """Whether and where the mean of ``values`` (e.g. a served model's errors in event
     order) changed; None when the sequence is too short (``2 * min_segment``) or constant.
 
@@ -484,3 +484,33 @@ def _bernoulli(p: FloatArray) -> FloatArray:
     """Mean log-likelihood of a Bernoulli(p) sample whose mean is p (its -entropy)."""
     q = np.clip(p, 1e-12, 1 - 1e-12)
     return np.asarray(q * np.log(q) + (1 - q) * np.log(1 - q), dtype=np.float64)
+
+
+def latest_rise(
+    values: Sequence[float], min_segment: int = 30, alpha: float = 1e-4
+) -> ChangePoint | None:
+    """The latest significant rise in the mean of ``values``: :func:`change_point`, then
+    tested again on what follows the split while that shows a further rise with p-value
+    below ``alpha`` (binary segmentation towards the newest regime). One split over a
+    sequence with two rises can land on the first; a retrain "on the new concept only"
+    needs the last. ``before``/``after`` are the means either side of the returned split
+    over the whole sequence; ``statistic``/``p_value`` are the first test's (whether the
+    sequence changed at all).
+
+    >>> errors = [0.0] * 1000 + [0.0, 0.0, 0.0, 1.0] * 750 + [1.0, 0.0] * 200  # 0, .25, .5
+    >>> change_point(errors).index, latest_rise(errors).index
+    (1003, 3999)
+    """
+    first = change_point(values, min_segment)
+    if first is None or first.p_value >= alpha or first.after <= first.before:
+        return first
+    x = np.asarray(values, dtype=np.float64)
+    split = first.index
+    while True:
+        nxt = change_point(x[split:], min_segment)
+        if nxt is None or nxt.p_value >= alpha or nxt.after <= nxt.before:
+            break
+        split += nxt.index
+    return ChangePoint(
+        split, float(x[:split].mean()), float(x[split:].mean()), first.statistic, first.p_value
+    )

@@ -560,7 +560,10 @@ def test_the_loop_never_promotes_a_worse_challenger(lab: Lab) -> None:
     promotions = _judged(lab, LOOP, "promote")
     for row in promotions:
         _check_promotion(lab, LOOP, row)
-        [promoted] = [r for r in lab.audit(LOOP, "promoted") if r["version"] == row["version"]]
+        [promoted] = _wait_rows(  # published after the verdict: may reach ClickHouse later
+            lambda v=row["version"]: [r for r in lab.audit(LOOP, "promoted") if r["version"] == v],
+            f"the promoted row of {row['version']}",
+        )
         window = (row["facts"]["since_ms"], promoted["ts_ms"])
         new, old, n = _same_events_auc(lab, LOOP, row["version"], row["previous"], *window)
         print(

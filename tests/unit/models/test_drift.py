@@ -18,6 +18,7 @@ from streamml.models.drift import (
     Reference,
     change_point,
     kolmogorov_tail,
+    latest_rise,
     psi,
 )
 from streamml.models.features import Featurizer, GlobalState
@@ -350,3 +351,31 @@ def test_change_point_needs_enough_varying_values() -> None:
     assert change_point([1.0] * 20) is None
     assert change_point([0.0] * 500) is None  # constant: nothing to test
     assert kolmogorov_tail(0.0) == 1.0 and kolmogorov_tail(3.0) < 1e-6
+
+
+def test_latest_rise_dates_the_newest_regime_and_keeps_a_single_rise_where_it_was() -> None:
+    """With a long mildly worse stretch before the real change, one split can land on the
+    first, mild rise; the retrain must start at the last one. With one rise, the
+    refinement changes nothing (a false further split is a p < 1e-4 event)."""
+    rng = np.random.default_rng(11)
+    moved = 0
+    for _ in range(40):
+        single = np.r_[rng.random(3000) < 0.1, rng.random(800) < 0.4].astype(float)
+        one, refined = change_point(list(single), 50), latest_rise(list(single), 50)
+        assert one is not None and refined is not None
+        assert refined.index == one.index and 2900 <= refined.index <= 3100
+        two = np.r_[rng.random(1500) < 0.02, rng.random(3000) < 0.15, rng.random(600) < 0.5].astype(
+            float
+        )
+        first, last = change_point(list(two), 50), latest_rise(list(two), 50)
+        assert first is not None and last is not None
+        assert 4400 <= last.index <= 4600, (first.index, last.index)
+        assert last.after > last.before and last.p_value == first.p_value
+        moved += first.index < 4400
+    assert moved >= 1  # the single split did land early on some of these
+
+
+def test_latest_rise_leaves_an_unconfirmed_sequence_alone() -> None:
+    flat = [0.0, 0.0, 0.0, 1.0] * 500
+    assert latest_rise(flat) == change_point(flat)
+    assert latest_rise([0.0] * 10) is None
