@@ -188,10 +188,36 @@ def _align(outputs: Any, entry: ModelVersion, result: training.TrainResult) -> A
     return aligned
 
 
-# train + cross-validate (evaluation.fit_and_validate, or the same in another process)
+# train + cross-validate (evaluation.fit_and_validate, or the same in another process) on
+# the labelled frame and the weakly labelled one (or None)
 Fit = Callable[
-    [PipelineSpec, pd.DataFrame], tuple[training.TrainResult, evaluation.CVResult | None]
+    [PipelineSpec, pd.DataFrame, pd.DataFrame | None],
+    tuple[training.TrainResult, evaluation.CVResult | None],
 ]
+
+
+def read_weak_rows(
+    settings: Settings, spec: PipelineSpec, window: Window, query: Query | None = None
+) -> pd.DataFrame | None:
+    """The weakly labelled events of the window with no true label (a frame with a
+    ``confidence`` column), when the spec trains on weak labels; else None."""
+    weak = spec.annotate.weak_labels
+    if weak is None or not weak.train or spec.task != "classification":
+        return None
+    cutoff = window.cutoff_ms if window.cutoff_ms is not None else window.until_ms
+    found = sql.weak_training_rows(
+        spec.name, f"zero_shot:{weak.feature}", window.since_ms, window.until_ms, cutoff
+    )
+    rows = sql.run(_query(settings, query), found).rows
+    usable = [(str(e), int(ts), dict(f), _label(str(y)), float(c)) for e, ts, f, y, c in rows]
+    usable = [
+        r for r in usable if r[4] >= weak.min_confidence and label_problem(spec, r[3]) is None
+    ]
+    if not usable:
+        return None
+    frame = training.frame_from_rows([r[:4] for r in usable])
+    frame["confidence"] = [r[4] for r in usable]
+    return frame
 
 
 class _Clock:
@@ -232,12 +258,13 @@ def train_and_register(
     window = Window(window.since_ms, window.until_ms, window.last_events, cutoff)
     clock = _Clock()
     frame = read_training_rows(settings, spec, window, query)
+    weak = read_weak_rows(settings, spec, window, query)
     clock.lap("read")
     cv = None
     if fit is not None:
-        result, cv = fit(spec, frame)
+        result, cv = fit(spec, frame, weak)
     else:
-        result = training.train(spec, frame, progress=progress)
+        result = training.train(spec, frame, progress=progress, weak=weak)
     clock.lap("fit")
     champ_version, champ = champion_metrics(settings, spec, registry, result, frame, query)
     report = evaluation.evaluate(spec, result, frame, champion_metrics=champ, cv=cv)
@@ -249,6 +276,7 @@ def train_and_register(
             reason=reason,
             details={
                 "rows": len(frame),
+                "weak_rows": result.weak_rows,
                 "best_params": report.best_params,
                 "seed": result.seed,
                 "threshold": result.threshold,

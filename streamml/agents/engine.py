@@ -32,6 +32,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
 
 from streamml import telemetry
+from streamml.agents.annotate import Annotator, annotate, prefetch, text_step
 from streamml.agents.ingest import failed, ingest
 from streamml.agents.learn import emit_metrics, housekeeping, on_label, snapshot
 from streamml.agents.runtime import (
@@ -84,6 +85,16 @@ def _traceparent_id(headers: Iterable[tuple[str, bytes]]) -> str:
         if key == "traceparent" and len(value) >= 35:
             return value[3:35].decode("latin-1")
     return ""
+
+
+def _needs_annotator(rt: PipelineRuntime) -> bool:
+    """Whether the spec samples events for summaries, generative labels or the judge."""
+    a = rt.spec.annotate
+    return bool(
+        a.summaries is not None
+        or (a.weak_labels is not None and a.weak_labels.generative_sample > 0)
+        or (a.flags is not None and a.flags.judge_sample > 0)
+    )
 
 
 class PipelineEngine:
@@ -146,6 +157,13 @@ class PipelineEngine:
             **client_options(s),
         )
         await bounded("start the producer", boot, producer.start(), s.request_timeout_s)
+        background: list[asyncio.Task[None]] = []
+        if rt.text is not None:  # load the text models now: a refused one fails the start
+            await asyncio.to_thread(rt.text.warm)
+        if _needs_annotator(rt):
+            queue = rt.spec.annotate.summaries.queue if rt.spec.annotate.summaries else 1000
+            rt.annotator = Annotator(rt, queue)
+            background.append(asyncio.create_task(rt.annotator.run(producer)))
         following = asyncio.Event()
         control = asyncio.create_task(self._follow_control(following))
         waiting = asyncio.ensure_future(following.wait())
@@ -174,6 +192,8 @@ class PipelineEngine:
         finally:
             control.cancel()
             probe.cancel()
+            for task in background:
+                task.cancel()
             await self._shutdown()
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
@@ -388,12 +408,17 @@ class PipelineEngine:
             self._seen_ts[tp] = max(self._seen_ts.get(tp, 0), records[-1].timestamp)
         touched: list[PartitionState] = []
         done: dict[TopicPartition, int] = {}
+        prepared: list[tuple[int, PartitionState, list[Held]]] = []
         for p, state in list(rt.states.items()):
             if not state.held:
                 continue
             ready = await self._release(state)
-            if not ready:
-                continue
+            if ready:
+                prepared.append((p, state, ready))
+        if rt.text is not None and prepared:  # one text-model call for the whole batch
+            raw = [h.message for _, _, ready in prepared for h in ready if not h.is_label]
+            await prefetch(rt, raw)
+        for p, state, ready in prepared:
             touched.append(state)
             self._apply(state, ready, out, outcomes, spent)
             for topic in (raw_topic, rt.topics["labels"]):
@@ -497,6 +522,8 @@ class PipelineEngine:
             else:
                 outcomes["ingest", "ok"] += 1
                 items[i] = Scored(message, *result, headers, trace_id)
+        if rt.text is not None:  # text features of the whole batch (validate+featurize)
+            text_step(rt, state, items, out)
         t1 = time.perf_counter()
         spent["ingest"] += t1 - t0
         deployment = self.deployment
@@ -505,6 +532,7 @@ class PipelineEngine:
             if tel.enabled
             else nullcontext()
         )
+        annotating = "annotations" in rt.topics
         with scoring:
             batch = self._batch_outputs(deployment, items, out)
             scored = list(items.values())
@@ -524,7 +552,9 @@ class PipelineEngine:
                     t_learn += time.perf_counter() - t2
                 elif i in items:
                     try:
-                        serve(rt, state, items[i], index[i], batch, deployment, out)
+                        made = serve(rt, state, items[i], index[i], batch, deployment, out)
+                        if annotating:
+                            annotate(rt, state, items[i], made, out)
                     except Exception as exc:
                         out.rollback(mark)
                         failed(rt, held.message, "score", exc, out, items[i].headers)

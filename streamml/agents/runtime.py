@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -25,6 +26,7 @@ import orjson
 from streamml.models.drift import Detection, DriftMonitor
 from streamml.models.features import SEEN, Featurizer, GlobalState
 from streamml.models.online import OnlineLearner, Prediction
+from streamml.models.text import TextFeaturizer, labeller_source
 from streamml.schemas.pii import NO_PII, Protector, marked
 from streamml.schemas.spec import PipelineSpec
 from streamml.secrets import pii_key
@@ -32,7 +34,15 @@ from streamml.streams.topics import pipeline_topics, state_topic
 from streamml.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from streamml.agents.annotate import Annotator
     from streamml.config import Settings
+
+
+def _default_cache_dir() -> Path:
+    from streamml.config import Settings
+
+    return Settings().cache_dir
+
 
 # Changelog keys: a one-letter kind, a colon, then the entity or event id.
 WINDOW, JOIN, EARLY = b"w:", b"j:", b"e:"
@@ -197,6 +207,10 @@ class PipelineRuntime:
     failures: Counter[str] = field(default_factory=Counter)
     # protects the spec's pii fields right after validation, and every dead letter
     pii: Protector = NO_PII
+    # the spec's text features, computed per batch (None: the spec has none)
+    text: TextFeaturizer | None = None
+    labeller_source: str = ""  # zero_shot:<feature> when the spec asks for weak labels
+    annotator: Annotator | None = None  # sampled background jobs (summaries, judge)
 
     @classmethod
     def from_spec(
@@ -216,7 +230,21 @@ class PipelineRuntime:
             if settings is None:
                 raise ValueError(f"{spec.name}: fields marked pii need the settings' PII key")
             pii = Protector.for_spec(spec, pii_key(settings))
-        return cls(spec, Featurizer(spec), topics, partitions, telemetry, pii=pii)
+        featurizer = Featurizer(spec)
+        text = None
+        if spec.text_features:
+            cache_dir = settings.cache_dir if settings is not None else _default_cache_dir()
+            text = TextFeaturizer(spec, cache_dir, select=featurizer.select)
+        return cls(
+            spec,
+            featurizer,
+            topics,
+            partitions,
+            telemetry,
+            pii=pii,
+            text=text,
+            labeller_source=labeller_source(spec) or "",
+        )
 
     @property
     def name(self) -> str:

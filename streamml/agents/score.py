@@ -42,6 +42,17 @@ class Scored:
     vector: dict[str, float]
     headers: Headers
     trace_id: str
+    weak: tuple[str, float] | None = None  # the weak label (class, confidence), if any
+
+
+LABELLER_ROLE = "labeller"
+
+
+def labeller_made(source: str, weak: tuple[str, float]) -> Made:
+    """The weak label as one more model's prediction of the event (role ``labeller``,
+    never served), so the learn step scores it against the true label like any model."""
+    label, confidence = weak
+    return Made(source, LABELLER_ROLE, False, Prediction(confidence, label, {}))
 
 
 def batch_outputs(deployment: Deployment, items: Sequence[Scored]) -> BatchOutputs:
@@ -66,9 +77,10 @@ def serve(
     batch: BatchOutputs,
     deployment: Deployment,
     out: Outbox,
-) -> None:
+) -> list[Made]:
     """Predict one event with every deployed model, log the predictions and the features,
-    and keep what each model predicted until the label comes."""
+    and keep what each model predicted (and the weak label) until the label comes; return
+    what was made."""
     record, message = it.record, it.message
     topics, partition = rt.topics, state.partition
     # the entity key (protected when it is pii), never the raw record's key, which may
@@ -102,6 +114,8 @@ def serve(
         made.append(Made(slot.version, slot.role, served, prediction))
         value = _prediction(rt, it, slot, prediction, served, latency_ms, now_ms)
         out.add(topics["predictions"], partition, key, value, it.headers)
+    if it.weak is not None and rt.labeller_source:
+        made.append(labeller_made(rt.labeller_source, it.weak))
     monitor = state.monitor
     if monitor is not None:  # data and prediction drift, on what was served
         found = monitor.observe_features(it.vector)
@@ -119,6 +133,7 @@ def serve(
         features["predictions"] = [m.to_json() for m in made]
         out.add(topics["state"], partition, JOIN + event_id.encode(), dumps(features))
     rt.counters["scored"] += 1
+    return made
 
 
 def _prediction(

@@ -348,12 +348,12 @@ class Trainer:
         self.status[name] = f"{outcome.version.version}: {outcome.deployed_as}"
 
     def _fit(
-        self, spec: PipelineSpec, frame: pd.DataFrame
+        self, spec: PipelineSpec, frame: pd.DataFrame, weak: pd.DataFrame | None
     ) -> tuple[training.TrainResult, evaluation.CVResult | None]:
         """Train and cross-validate in a process of its own: in the worker's process the
         training loops and the stream fight over the GIL (cross-validation of 1,700 rows
         took 11.8 s there, against ~1 s alone)."""
-        return self._fitter().submit(evaluation.fit_and_validate, spec, frame).result()
+        return self._fitter().submit(evaluation.fit_and_validate, spec, frame, weak).result()
 
     def _fitter(self) -> ProcessPoolExecutor:
         if self._pool is None:

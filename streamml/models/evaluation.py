@@ -412,11 +412,12 @@ def evaluate(
 
 
 def fit_and_validate(
-    spec: PipelineSpec, frame: pd.DataFrame
+    spec: PipelineSpec, frame: pd.DataFrame, weak: pd.DataFrame | None = None
 ) -> tuple[TrainResult, CVResult | None]:
-    """Train, then cross-validate the chosen parameters: the costly part of a retrain, in
-    one call that a process of its own can run."""
-    result = train(spec, frame)
+    """Train (with the weakly labelled rows, if any), then cross-validate the chosen
+    parameters on the true labels: the costly part of a retrain, in one call that a
+    process of its own can run."""
+    result = train(spec, frame, weak=weak)
     folds = batch_spec(spec).cv_folds
     cv = time_series_cv(spec, frame, folds, params=result.best_params) if folds else None
     return result, cv

@@ -23,6 +23,7 @@ from typing import Any
 
 from streamml.schemas.records import Record
 from streamml.schemas.spec import (
+    TEXT_FEATURES,
     Agg,
     CategoricalFeature,
     ConstructedFeature,
@@ -192,7 +193,10 @@ class Featurizer:
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
-        self.features: list[FeatureSpec] = list(spec.features)
+        # text features are computed per batch (streamml.models.text), not here
+        self.features: list[FeatureSpec] = [
+            f for f in spec.features if not isinstance(f, TEXT_FEATURES)
+        ]
         self._select = set(spec.select) if spec.select is not None else None
         self._exclude = set(spec.exclude)
         self._keep: dict[str, bool] = {}
@@ -254,7 +258,7 @@ class Featurizer:
             elif isinstance(feature, WindowFeature):
                 x = _num(fields.get(feature.field))
                 out.update(window_update(entity_state, feature, record.ts_ms, x))
-            else:
+            elif isinstance(feature, LastNFeature):
                 out.update(last_n_update(entity_state, feature, _num(fields.get(feature.field))))
         return self.select(out)
 
@@ -278,6 +282,8 @@ def _matches(key: str, names: set[str]) -> bool:
     for n in names:
         if key == n or key.startswith((n + "=", n + "#")):
             return True
-        if key.startswith(n + "_") and key[len(n) + 1 :] in EXPANSION_SUFFIXES:
-            return True
+        if key.startswith(n + "_"):
+            suffix = key[len(n) + 1 :]
+            if suffix in EXPANSION_SUFFIXES or suffix.isdigit():  # aggregates, embedding dims
+                return True
     return False

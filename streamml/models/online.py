@@ -30,6 +30,7 @@ def _linear(cls: Any) -> Factory:
 
 MODELS: dict[str, Factory] = {
     "logistic_regression": _linear(linear_model.LogisticRegression),
+    "softmax_regression": _linear(linear_model.SoftmaxRegression),
     "hoeffding_tree": lambda p: tree.HoeffdingTreeClassifier(**p),
     "hoeffding_adaptive_tree": lambda p: tree.HoeffdingAdaptiveTreeClassifier(**p),
     "gaussian_nb": lambda p: naive_bayes.GaussianNB(**p),
@@ -70,6 +71,10 @@ class OnlineLearner:
         self.classification = spec.task == "classification"
         self.positive = spec.label.positive
         self.positive_key = str(positive_label(spec.label.positive))
+        classes = spec.label.classes
+        self.multiclass = (
+            self.classification and classes is not None and len(classes) > 2 and not self.positive
+        )
         # hashing the spec per call is slow; a fresh model started at a change has its own
         self.version = version or f"online-{spec.spec_hash[:8]}"
 
@@ -82,6 +87,8 @@ class OnlineLearner:
         if not proba:
             return Prediction(0.0, "", {})
         best = max(proba, key=lambda k: proba[k])
+        if self.multiclass:  # no positive class: the score is the confidence in the class
+            return Prediction(proba[best], best, proba)
         return Prediction(proba.get(self.positive_key, 0.0), best, proba)
 
     def learn(self, x: dict[str, float], y: Any, served: Prediction | None = None) -> None:

@@ -349,6 +349,7 @@ class TrainResult:
     # validation rows for threshold_metric; None: the most probable class (argmax)
     threshold: float | None = None
     threshold_metric: str | None = None
+    weak_rows: int = 0  # weakly labelled rows added to the training part
 
 
 def ready() -> bool:
@@ -377,11 +378,58 @@ def plan_trials(batch: BatchModelSpec) -> list[Params]:
     return plans
 
 
+@dataclass(frozen=True)
+class WeakRows:
+    """Weakly labelled rows (no true label came) added to the training part only, each
+    drawn into an epoch with probability ``confidence`` -- in expectation, a loss
+    weighted by the labeller's confidence. Validation, test and every metric use true
+    labels only."""
+
+    data: Dataset
+    confidence: FloatArray
+
+    @property
+    def used(self) -> int:
+        return len(self.data)
+
+
+def weak_rows(
+    spec: PipelineSpec, frame: pd.DataFrame, data: Dataset, before_ms: int
+) -> WeakRows | None:
+    """The rows of ``frame`` (a training frame of weak labels with a ``confidence``
+    column) before ``before_ms`` (the start of validation) whose label is one of the
+    classes ``data`` was trained on, aligned to its features."""
+    if frame is None or frame.empty:
+        return None
+    keep = (frame["ts"].to_numpy() < before_ms) & frame["label"].astype(str).isin(
+        {str(c) for c in data.classes}
+    ).to_numpy()
+    frame = frame[keep]
+    if frame.empty:
+        return None
+    confidence = frame["confidence"].to_numpy(dtype=np.float64)
+    aligned = prepare(
+        spec,
+        frame.drop(columns=["confidence"]),
+        feature_names=data.feature_names,
+        classes=data.classes,
+    )
+    order = np.lexsort(
+        (np.asarray(frame["event_id"].astype(str).tolist(), dtype=str), frame["ts"].to_numpy())
+    )
+    return WeakRows(aligned, np.clip(confidence[order], 0.0, 1.0))
+
+
 def train(
-    spec: PipelineSpec, frame: pd.DataFrame, *, progress: Progress | None = None
+    spec: PipelineSpec,
+    frame: pd.DataFrame,
+    *,
+    progress: Progress | None = None,
+    weak: pd.DataFrame | None = None,
 ) -> TrainResult:
     """Split by time, try every planned parameter set, keep the lowest validation loss, and
-    choose the decision threshold on the validation rows."""
+    choose the decision threshold on the validation rows. ``weak``: weakly labelled rows
+    (``confidence`` column) that join the training part only (:class:`WeakRows`)."""
     batch = batch_spec(spec)
     if len(frame) < MIN_ROWS:
         raise TrainingError(
@@ -390,10 +438,13 @@ def train(
         )
     data = prepare(spec, frame)
     splits = time_split(data.ts_ms, batch.split)
+    extra = None
+    if weak is not None and spec.task == "classification":
+        extra = weak_rows(spec, weak, data, int(data.ts_ms[splits.validation.slice][0]))
     runs = []
     for number, params in enumerate(plan_trials(batch), start=1):
         rows = (splits.train.slice, splits.validation.slice)
-        runs.append(fit(spec, data, *rows, params, trial=number, progress=progress))
+        runs.append(fit(spec, data, *rows, params, trial=number, progress=progress, weak=extra))
     best = min(runs, key=lambda r: r.trial.best_val_loss)  # first of equals wins
     threshold = decision_threshold(spec, best.model, data.take(splits.validation.slice))
     return TrainResult(
@@ -410,6 +461,7 @@ def train(
         seed=batch.seed,
         threshold=threshold,
         threshold_metric=None if threshold is None else spec.promotion.metric,
+        weak_rows=0 if extra is None else extra.used,
     )
 
 
@@ -431,23 +483,39 @@ def fit(
     trial: int = 1,
     epochs: int | None = None,
     progress: Progress | None = None,
+    weak: WeakRows | None = None,
 ) -> Fitted:
     """Train one model on ``train_rows``, early-stopping on ``val_rows``; best weights kept.
-    ``epochs`` overrides the budget of :func:`epoch_budget` (a quick run takes just that)."""
+    ``epochs`` overrides the budget of :func:`epoch_budget` (a quick run takes just that).
+    ``weak`` rows join each epoch's training rows, each with probability its confidence."""
     batch = batch_spec(spec)
     tr, va = data.take(train_rows), data.take(val_rows)
     model, loss_fn, y_tr, y_va = _setup(batch, tr, va, params)
+    n_true = len(tr)
+    draw = np.random.default_rng(batch.seed + 1)
+    if weak is not None and weak.used:  # classification: bce or cross_entropy targets
+        y_weak = torch.from_numpy(weak.data.y)
+        if batch.loss == "bce":
+            y_weak = (y_weak == (tr.positive_index or 0)).float().unsqueeze(1)
+        y_tr = torch.cat([y_tr, y_weak.to(y_tr.dtype)])
+        tr = dataclasses.replace(tr, X=np.concatenate([tr.X, weak.data.X]))
     opt = _optimizer(batch.optimizer, model, params)
     order = np.random.default_rng(batch.seed)
     x_tr, x_va = torch.from_numpy(tr.X), torch.from_numpy(va.X)
     history: list[EpochLoss] = []
     best_loss, best_epoch, best_state = math.inf, 0, _copy_state(model)
     epoch, stopped = 0, False
-    most, fewest = epoch_budget(batch, len(tr), params.batch_size, epochs)
+    expected = n_true + (0 if weak is None else int(weak.confidence.sum()))  # rows per epoch
+    most, fewest = epoch_budget(batch, expected, params.batch_size, epochs)
     work = params.batch_size * sum(p.numel() for p in model.parameters())
     with _threads(1 if work < SINGLE_THREAD_WORK else None):
         for epoch in range(1, most + 1):
-            perm = torch.from_numpy(order.permutation(len(tr)))
+            rows = np.arange(len(tr.X))
+            if len(tr.X) > n_true:  # weak rows: each drawn with probability its confidence
+                assert weak is not None
+                drawn = draw.random(len(tr.X) - n_true) < weak.confidence
+                rows = np.concatenate([rows[:n_true], rows[n_true:][drawn]])
+            perm = torch.from_numpy(rows[order.permutation(len(rows))])
             train_loss = _epoch(model, opt, loss_fn, x_tr[perm], y_tr[perm], params.batch_size)
             model.eval()
             with torch.no_grad():

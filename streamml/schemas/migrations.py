@@ -24,6 +24,9 @@ CORE_TABLES = (
     "features",
     "audit_events",
     "alerts",
+    "annotations",
+    "flags",
+    "summaries",
 )
 
 

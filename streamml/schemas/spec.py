@@ -205,6 +205,72 @@ class LastNFeature(_Strict):
     aggs: list[Agg] = Field(min_length=1)
 
 
+# --- text features (Step 8): computed per engine batch by streamml.models.text -------
+
+
+class EmbeddingFeature(_Strict):
+    """The field's MiniLM sentence embedding: ``<name>_0 .. <name>_<dims-1>``, reduced from
+    384 dimensions by a fixed random projection when ``dims`` is set."""
+
+    kind: Literal["embedding"]
+    name: str
+    field: str
+    dims: int | None = Field(default=None, ge=2, le=384)
+    seed: int = 0
+
+
+class WordsFeature(_Strict):
+    """Tokens of the field (river's BagOfWords tokenizer) hashed into ``buckets``:
+    ``<name>#<bucket>`` = count (``bag_of_words``) or tf-idf weight with the partition's
+    running document frequencies (``tfidf``)."""
+
+    kind: Literal["bag_of_words", "tfidf"]
+    name: str
+    field: str
+    buckets: int = Field(default=256, ge=8, le=1 << 16)
+    ngram_range: tuple[int, int] = (1, 1)
+    lowercase: bool = True
+
+
+class ZeroShotFeature(_Strict):
+    """Similarity of the field's embedding to each label description, as a softmax over
+    the classes (``<name>=<class>``) and as the argmax class (``<name>#top=<class>``)."""
+
+    kind: Literal["zero_shot"]
+    name: str
+    field: str
+    labels: dict[str, str] = Field(min_length=2)  # class -> a description of it
+    temperature: float = Field(default=0.05, gt=0, le=10)
+
+
+class EntitiesFeature(_Strict):
+    """spaCy named-entity counts of the field, per type (``<name>=<TYPE>``)."""
+
+    kind: Literal["entities"]
+    name: str
+    field: str
+    types: list[str] = Field(
+        default_factory=lambda: ["PERSON", "ORG", "PRODUCT", "GPE", "MONEY", "DATE"], min_length=1
+    )
+
+
+class ClusterFeature(_Strict):
+    """Online clustering of the field's embedding: the cluster id as a one-hot
+    (``<name>#<id>``); a new cluster is reported as data drift."""
+
+    kind: Literal["cluster"]
+    name: str
+    field: str
+    threshold: float = Field(default=0.3, gt=0, lt=1)  # cosine similarity to join (MiniLM)
+    max_clusters: int = Field(default=32, ge=2, le=1024)
+    min_events: int = Field(default=200, ge=0)  # no drift reported before this many
+
+
+TEXT_FEATURES = (EmbeddingFeature, WordsFeature, ZeroShotFeature, EntitiesFeature, ClusterFeature)
+TextFeatureSpec = (
+    EmbeddingFeature | WordsFeature | ZeroShotFeature | EntitiesFeature | ClusterFeature
+)
+
 FEATURE_CLASSES = (
     NumericFeature,
     CategoricalFeature,
@@ -212,6 +278,7 @@ FEATURE_CLASSES = (
     ConstructedFeature,
     WindowFeature,
     LastNFeature,
+    *TEXT_FEATURES,
 )
 
 FeatureSpec = Annotated[
@@ -220,14 +287,68 @@ FeatureSpec = Annotated[
     | TimeFeature
     | ConstructedFeature
     | WindowFeature
-    | LastNFeature,
+    | LastNFeature
+    | EmbeddingFeature
+    | WordsFeature
+    | ZeroShotFeature
+    | EntitiesFeature
+    | ClusterFeature,
     Field(discriminator="kind"),
 ]
+
+
+class TextSpec(_Strict):
+    """How the text model runs: ``device: auto`` is CUDA fp16 where torch sees a GPU and
+    int8 onnxruntime on the CPU elsewhere."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = Field(default=128, ge=8, le=512)  # tokens per text
+    threads: int = Field(default=1, ge=1, le=64)  # onnxruntime intra-op threads
+    cache_size: int = Field(default=20_000, ge=0)  # embeddings kept by text hash
+
+
+class WeakLabelSpec(_Strict):
+    """Weak labels for every event from a zero_shot feature (``annotations`` table);
+    ``generative_sample`` of the events are also labelled by the generative model, off
+    the hot path. ``train``: batch training uses them where no true label came, weighted
+    by their confidence."""
+
+    feature: str
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    generative_sample: float = Field(default=0.0, ge=0, le=1)
+    train: bool = False
+
+
+class FlagSpec(_Strict):
+    """An event whose served class and weak label differ, both with at least
+    ``min_confidence``, is flagged (``flags`` table); ``judge_sample`` of the flags go
+    to the generative judge."""
+
+    min_confidence: float = Field(default=0.7, ge=0, le=1)
+    judge_sample: float = Field(default=0.0, ge=0, le=1)
+
+
+class SummarySpec(_Strict):
+    """Summaries of ``sample`` of the events' ``field``, made off the hot path
+    (``summaries`` table, by event id): extractive (the sentence nearest the text's
+    embedding) or generative (the small instruct model)."""
+
+    field: str
+    sample: float = Field(default=0.1, ge=0, le=1)
+    method: Literal["extractive", "generative"] = "extractive"
+    queue: int = Field(default=1000, ge=1)  # waiting texts; past it a sample is dropped
+
+
+class AnnotateSpec(_Strict):
+    weak_labels: WeakLabelSpec | None = None
+    flags: FlagSpec | None = None
+    summaries: SummarySpec | None = None
 
 
 class OnlineModelSpec(_Strict):
     kind: Literal[
         "logistic_regression",
+        "softmax_regression",  # multiclass
         "hoeffding_adaptive_tree",
         "hoeffding_tree",
         "gaussian_nb",
@@ -242,7 +363,17 @@ class OnlineModelSpec(_Strict):
 
 
 # Operational sections, left out of PipelineSpec.spec_hash (see there).
-_NOT_HASHED = {"batch_model", "promotion", "serving", "drift", "retrain", "alerts", "state"}
+_NOT_HASHED = {
+    "batch_model",
+    "promotion",
+    "serving",
+    "drift",
+    "retrain",
+    "alerts",
+    "state",
+    "text",
+    "annotate",
+}
 
 
 class TopicsSpec(_Strict):
@@ -267,6 +398,8 @@ class PipelineSpec(_Strict):
     drift: DriftSpec = DriftSpec()
     retrain: RetrainSpec = RetrainSpec()
     alerts: AlertsSpec = AlertsSpec()
+    text: TextSpec = TextSpec()
+    annotate: AnnotateSpec = AnnotateSpec()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -318,6 +451,14 @@ class PipelineSpec(_Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"feature names must be unique: {sorted(dupes)}")
+        for i, feature in enumerate(self.features):
+            if isinstance(feature, TEXT_FEATURES) and fields[feature.field].type != "string":
+                raise KeyProblem(
+                    ("features", i, "field"),
+                    f"{feature.kind} needs a string field; {feature.field!r} is "
+                    f"{fields[feature.field].type}",
+                )
+        self._check_annotate(fields)
         windowed = [f for f in self.features if isinstance(f, WindowFeature | LastNFeature)]
         if windowed and self.schema_.entity_key is None:
             raise ValueError(f"{windowed[0].name}: per-entity aggregates need schema.entity_key")
@@ -383,6 +524,42 @@ class PipelineSpec(_Strict):
                     f"(use one of {sorted(TASK_ALERT_METRICS[self.task])} or an operational one)",
                 )
 
+    def _check_annotate(self, fields: dict[str, FieldSpec]) -> None:
+        weak, summaries = self.annotate.weak_labels, self.annotate.summaries
+        if weak is not None:
+            found = [f for f in self.features if f.name == weak.feature]
+            if not found or not isinstance(found[0], ZeroShotFeature):
+                raise KeyProblem(
+                    ("annotate", "weak_labels", "feature"),
+                    f"{weak.feature!r} is not a zero_shot feature of this spec",
+                )
+            if self.task != "classification":
+                raise KeyProblem(("annotate", "weak_labels"), "weak labels need classification")
+            classes = self.label.classes
+            extra = sorted(set(found[0].labels) - set(classes or found[0].labels))
+            if extra:
+                raise KeyProblem(
+                    ("annotate", "weak_labels", "feature"),
+                    f"zero_shot classes {extra} are not in label.classes: a weak label must "
+                    "be a class a true label can be",
+                )
+        if self.annotate.flags is not None and weak is None:
+            raise KeyProblem(
+                ("annotate", "flags"), "flags compare with weak labels: set weak_labels"
+            )
+        if summaries is not None:
+            spec = fields.get(summaries.field)
+            if spec is None or spec.type != "string" or spec.pii is not None:
+                raise KeyProblem(
+                    ("annotate", "summaries", "field"),
+                    f"{summaries.field!r} must be a string field of the schema without pii",
+                )
+
+    @property
+    def text_features(self) -> list[TextFeatureSpec]:
+        """The features computed from text (per batch, by streamml.models.text)."""
+        return [f for f in self.features if isinstance(f, TEXT_FEATURES)]
+
     # --- derived ---------------------------------------------------------------
     def numeric_keys(self, selected: bool = True) -> set[str]:
         """Keys of the feature vector that carry a number (not one-hot or hashing
@@ -392,7 +569,13 @@ class PipelineSpec(_Strict):
         for f in self.features:
             if isinstance(f, CategoricalFeature) and f.kind != "frequency":
                 continue
-            if isinstance(f, WindowFeature | LastNFeature | TimeFeature):
+            if isinstance(f, WordsFeature | EntitiesFeature | ClusterFeature):
+                continue  # indicators and counts
+            if isinstance(f, EmbeddingFeature):
+                expanded = {f"{f.name}_{i}" for i in range(f.dims or 384)}
+            elif isinstance(f, ZeroShotFeature):
+                expanded = {f"{f.name}={c}" for c in f.labels}
+            elif isinstance(f, WindowFeature | LastNFeature | TimeFeature):
                 expanded = {
                     f"{f.name}_{s}" for s in (suffixes if isinstance(f, TimeFeature) else f.aggs)
                 }
@@ -440,7 +623,16 @@ class PipelineSpec(_Strict):
 
     @property
     def topics_by_role(self) -> dict[str, str]:
-        return {r: self.topic(r) for r in ("raw", "dlq", "features", "predictions", "labels")}
+        roles = ["raw", "dlq", "features", "predictions", "labels"]
+        if self.annotated:
+            roles.append("annotations")  # weak labels, flags and summaries
+        return {r: self.topic(r) for r in roles}
+
+    @property
+    def annotated(self) -> bool:
+        """Whether the spec asks for weak labels, flags or summaries."""
+        a = self.annotate
+        return a.weak_labels is not None or a.flags is not None or a.summaries is not None
 
     @property
     def spec_hash(self) -> str:
@@ -449,6 +641,8 @@ class PipelineSpec(_Strict):
         changing them (promoting the batch model, tuning a detector) neither renames the
         online model nor invalidates trained artifacts."""
         data = self.model_dump(mode="json", by_alias=True, exclude=_NOT_HASHED)
+        if self.text_features:  # the token limit changes what text features are
+            data["text_max_length"] = self.text.max_length
         for field_data in data["schema"]["fields"].values():  # unmarked: the hash as before
             if field_data.get("pii") is None:
                 field_data.pop("pii", None)

@@ -109,7 +109,33 @@ ALERT_COLUMNS = [
     "threshold",
     "message",
 ]
+ANNOTATION_COLUMNS = [
+    "pipeline",
+    "event_id",
+    "ts",
+    "source",
+    "model_version",
+    "label",
+    "confidence",
+]
+FLAG_COLUMNS = [
+    "pipeline",
+    "event_id",
+    "ts",
+    "model_version",
+    "predicted_class",
+    "served_confidence",
+    "source",
+    "weak_label",
+    "weak_confidence",
+    "judge",
+    "judge_model",
+]
+SUMMARY_COLUMNS = ["pipeline", "event_id", "ts", "method", "model_version", "summary"]
 COLUMNS = {
+    "annotations": ANNOTATION_COLUMNS,
+    "flags": FLAG_COLUMNS,
+    "summaries": SUMMARY_COLUMNS,
     "drift_events": DRIFT_COLUMNS,
     "alerts": ALERT_COLUMNS,
     "features": FEATURE_COLUMNS,
@@ -208,6 +234,50 @@ def feature_row(pipeline: str, v: dict[str, Any]) -> tuple[Any, ...]:
         _ts(v["ts_ms"]),
         {str(k): float(x) for k, x in v["features"].items()},
     )
+
+
+def annotation_rows(pipeline: str, v: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """A record of ``<p>.annotations``: a weak label, a flag or a summary (``kind``)."""
+    kind, ts = v["kind"], _ts(v["ts_ms"])
+    event_id = str(v["event_id"])
+    row: tuple[Any, ...]
+    if kind == "weak_label":
+        row = (
+            pipeline,
+            event_id,
+            ts,
+            str(v["source"]),
+            str(v["model_version"]),
+            str(v["label"]),
+            float(v["confidence"]),
+        )
+        return [("annotations", row)]
+    if kind == "flag":
+        row = (
+            pipeline,
+            event_id,
+            ts,
+            str(v["model_version"]),
+            str(v["predicted_class"]),
+            float(v["served_confidence"]),
+            str(v["source"]),
+            str(v["weak_label"]),
+            float(v["weak_confidence"]),
+            str(v.get("judge") or ""),
+            str(v.get("judge_model") or ""),
+        )
+        return [("flags", row)]
+    if kind == "summary":
+        row = (
+            pipeline,
+            event_id,
+            ts,
+            str(v["method"]),
+            str(v["model_version"]),
+            str(v["summary"]),
+        )
+        return [("summaries", row)]
+    raise ValueError(f"unknown annotation kind {kind!r}")
 
 
 def _when(value: Any) -> dt.datetime | None:

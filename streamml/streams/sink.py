@@ -39,6 +39,7 @@ from streamml.streams import control
 from streamml.streams.kafka import client_options, close_quietly
 from streamml.streams.rows import (
     COLUMNS,
+    annotation_rows,
     control_rows,
     dlq_row,
     feature_row,
@@ -165,6 +166,8 @@ class WarehouseSink:
             "dlq": _one("dead_letters", dlq_row),
             "features": _one("features", functools.partial(feature_row, name)),
         }
+        if "annotations" in topics:
+            routes["annotations"] = lambda r: annotation_rows(name, loads(r.value))
         for role, to_rows in routes.items():
             self._routes[topics[role]] = _Route(role, name, to_rows)
 

@@ -23,6 +23,7 @@ PIPELINES = Path(__file__).resolve().parents[3] / "pipelines"
 REGRESSORS = {"linear_regression", "hoeffding_tree_regressor"}
 RIVER_CLASSES = {
     "logistic_regression": linear_model.LogisticRegression,
+    "softmax_regression": linear_model.SoftmaxRegression,
     "hoeffding_tree": river_tree.HoeffdingTreeClassifier,
     "hoeffding_adaptive_tree": river_tree.HoeffdingAdaptiveTreeClassifier,
     "gaussian_nb": naive_bayes.GaussianNB,
@@ -283,3 +284,30 @@ def test_the_demo_generator_never_fails_on_its_own_data() -> None:
             assert example.label in (True, False)
     huge = synthetic._sigmoid(-3 * 50_000.0)
     assert huge == 0.0 and synthetic._sigmoid(3 * 50_000.0) == 1.0
+
+
+def test_a_multiclass_model_scores_its_confidence_in_the_class_it_predicts() -> None:
+    """Without a positive class the score is the predicted class's probability (what a
+    flag or a dashboard reads as confidence), and softmax regression learns three classes."""
+    spec = parse_spec(
+        {
+            "name": "t",
+            "task": "classification",
+            "schema": {"fields": {c: {"type": "float"} for c in ("a", "b", "c")}},
+            "label": {"field": "y", "classes": ["a", "b", "c"]},
+            "features": [{"name": c, "kind": "numeric", "field": c} for c in ("a", "b", "c")],
+            "online_model": {"kind": "softmax_regression", "params": {"lr": 0.1}},
+        }
+    )
+    learner = OnlineLearner(spec)
+    rng = random.Random(3)
+    right = 0
+    for i in range(3000):  # the class is the largest of three numbers: linear in them
+        x = {c: rng.gauss(0, 1) for c in ("a", "b", "c")}
+        y = max(x, key=lambda c: x[c])
+        p = learner.predict(x)
+        if i >= 2000:
+            right += p.predicted_class == y
+            assert p.score == max(p.probabilities.values()) == p.probabilities[p.predicted_class]
+        learner.learn(x, y, p)
+    assert right / 1000 > 0.85
