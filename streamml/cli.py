@@ -119,19 +119,28 @@ def up() -> None:
 
 @app.command()
 def fetch() -> None:
-    """Fetch the Kafka broker jars into the cache now (`up` does it when needed)."""
+    """Fetch the Kafka broker jars into the cache now (`up` does it when needed), and check
+    the packaged language models and export the int8 text encoder (workers do it when a
+    spec first needs it)."""
     from streamml.devstack.jars import ensure_kafka_jars
+    from streamml.models.embeddings import export_int8
+    from streamml.models.weights import WEIGHTS, verified
 
     settings = _settings()
-    if not settings.uses_local_broker:
-        console.print(f"using the configured broker {settings.bootstrap_servers}; nothing to fetch")
-        return
 
     def action() -> None:
-        libs = ensure_kafka_jars(
-            settings.kafka_version, settings.cache_dir, settings.kafka_libs_dir, _say
-        )
-        console.print(f"Kafka {settings.kafka_version} jars ready in {libs}")
+        if settings.uses_local_broker:
+            libs = ensure_kafka_jars(
+                settings.kafka_version, settings.cache_dir, settings.kafka_libs_dir, _say
+            )
+            console.print(f"Kafka {settings.kafka_version} jars ready in {libs}")
+        else:
+            console.print(f"using the configured broker {settings.bootstrap_servers}")
+        for name in WEIGHTS:
+            verified(name)
+        console.print(f"language-model weights verified ({', '.join(sorted(WEIGHTS))})")
+        _say("exporting the MiniLM text encoder to int8 ONNX (once; cached) ...")
+        console.print(f"text encoder ready: {export_int8(settings.cache_dir)}")
 
     _run(action)
 
@@ -222,6 +231,107 @@ def query(
                 table.add_row(*("" if v is None else str(v) for v in row))
             console.print(table)
             console.print(f"[dim]{len(result.rows)} row(s)[/]")
+
+    _run(action)
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="A question, e.g. 'drift events in the last day'."),
+    pipeline: str | None = typer.Option(
+        None, "--pipeline", "-p", help="The pipeline (default: the one named, or the only one)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (template, SQL, rows)."),
+) -> None:
+    """Answer a question about a pipeline with a vetted, read-only query (docs/ask.md).
+
+    The question is matched by meaning to a catalogue of parameterized queries; the SQL
+    that ran is printed with its parameters. A question that fits none of them, or asks
+    to change data, is refused with what can be asked."""
+    import textwrap
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from streamml import ask as asking
+    from streamml import sql
+    from streamml.errors import WarehouseLockedError
+    from streamml.models.embeddings import Embedder, load_encoder
+    from streamml.queryclient import query_worker
+    from streamml.streams.warehouse import QueryResult, Warehouse
+
+    settings = _settings()
+    early = asking.refusal(question)  # before loading specs and the encoder
+    if early is not None:
+        _fail(early.error())
+    names = [spec.name for spec in _specs(settings, [])]
+
+    @contextmanager
+    def reader() -> Iterator[Callable[[sql.Query], QueryResult]]:
+        try:
+            warehouse = Warehouse.connect(settings)
+        except WarehouseLockedError as exc:  # a worker owns the embedded chDB: its /query
+            locked = exc
+        else:
+            with warehouse:
+                tf = settings.query_table_functions
+                yield lambda query: asking.run_read_only(warehouse.query, query, tf)
+            return
+
+        def via_worker(query: sql.Query) -> QueryResult:
+            timeout_s = max(60.0, settings.request_timeout_s)
+            try:
+                columns, rows = query_worker(settings, query.render(), timeout_s)
+            except StreamMLError:
+                raise
+            except OSError:  # no worker of ours answers: someone else holds the lock
+                raise locked from None
+            return QueryResult(columns, [tuple(row) for row in rows])
+
+        yield via_worker
+
+    def action() -> None:
+        embedder = Embedder(load_encoder(settings.cache_dir, device="cpu"))
+        found = asking.plan(question, embedder, names, dt.datetime.now(dt.UTC), pipeline)
+        if isinstance(found, asking.Refusal):
+            raise found.error()
+        query = found.query
+        with reader() as run:
+            if query.parameters.get("version"):
+                known = run(sql.ask_known_versions(str(query.parameters["pipeline"])))
+                unknown = asking.check_version(query, [str(row[0]) for row in known.rows])
+                if unknown is not None:
+                    raise unknown.error()
+            result = run(query)
+        if as_json:
+            rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
+            answer = {
+                "template": found.template.id,
+                "description": found.template.description,
+                "cosine": round(found.score, 4),
+                "notes": list(found.notes),
+                "sql": textwrap.dedent(query.text).strip(),
+                "parameters": query.parameters,
+                "columns": result.columns,
+                "rows": rows,
+            }
+            sys.stdout.write(json.dumps(answer, default=_jsonable) + "\n")
+            return
+        window = f" · {found.window.label}" if found.window else ""
+        console.print(
+            f"[bold]{found.template.description}[/] [dim](template {found.template.id}, "
+            f"cosine {found.score:.2f}; pipeline {query.parameters['pipeline']}{window})[/]",
+            highlight=False,
+        )
+        for note in found.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(
+            asking.shown(query), style="dim", highlight=False, markup=False, soft_wrap=True
+        )
+        table = Table(*result.columns)
+        for row in result.rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)
+        console.print(f"[dim]{len(result.rows)} row(s)[/]")
 
     _run(action)
 
@@ -325,7 +435,16 @@ def produce(
         examples: Any = synth.phishing()
         total: int | None = 1250
     elif synthetic:
-        examples, total = synth.payments(synthetic, seed=seed), synthetic
+        fields = set(spec.schema_.fields) - {spec.schema_.event_id, spec.schema_.timestamp}
+        found = synth.generator_for(fields)
+        if found is None:
+            _fail(
+                ConfigError(
+                    f"no synthetic generator makes {spec.name}'s records",
+                    hint="--synthetic fits the demo and tickets specs (and copies); give a FILE",
+                )
+            )
+        examples, total = found[1](synthetic, seed=seed), synthetic
     elif file:
         path = Path(file)
         if not path.is_file():
@@ -470,19 +589,39 @@ def schema_export(
     sys.stdout.write(json.dumps(json_schema(spec), indent=2) + "\n")
 
 
+DEMOS = ("demo", "payments", "tickets")  # payments: another name for the default demo
+
+
 @app.command()
 def demo(
-    events: int = typer.Option(24_000, help="How many events to stream."),
+    pipeline: str = typer.Argument(
+        "demo",
+        help="Which demo: demo (card payments, concept drift and the retraining loop) or "
+        "tickets (support tickets: text features, weak labels, clusters, ask).",
+    ),
+    events: int | None = typer.Option(
+        None, help="How many events to stream (default: 24,000 payments, 4,000 tickets)."
+    ),
     keep_broker: bool = typer.Option(
         False, "--keep-broker", help="Leave the broker running if the demo started it."
     ),
 ) -> None:
-    """The main job: stream the demo pipeline end to end and show what ClickHouse saw."""
+    """The main job: stream a demo pipeline end to end and show what ClickHouse saw."""
     from rich.live import Live
 
     from streamml.demo import Tick, run_demo
 
     settings = _settings()
+    if pipeline not in DEMOS:
+        _fail(
+            ConfigError(
+                f"there is no demo for {pipeline!r}",
+                hint="streamml demo (card payments) or streamml demo tickets (support tickets)",
+            )
+        )
+    if pipeline == "tickets":
+        _demo_tickets(settings, 4_000 if events is None else events, keep_broker)
+        return
     live = Live(console=console, refresh_per_second=4)
 
     def on_tick(tick: Tick) -> None:
@@ -498,7 +637,8 @@ def demo(
 
     def action() -> None:
         with live:
-            report = run_demo(settings, events, _say, on_tick, keep_broker=keep_broker)
+            n = 24_000 if events is None else events
+            report = run_demo(settings, n, _say, on_tick, keep_broker=keep_broker)
         _print_demo(report)
 
     _run(action)
@@ -585,6 +725,179 @@ def _print_demo(report: Any) -> None:
         console.print("[yellow]left running:[/] " + "; ".join(report.left_running))
     else:
         console.print("[green]nothing left running[/]")
+
+
+def _demo_tickets(settings: Settings, events: int, keep_broker: bool) -> None:
+    from rich.live import Live
+
+    from streamml.demo_tickets import TicketsTick, run_tickets_demo
+
+    live = Live(console=console, refresh_per_second=4)
+
+    def on_tick(tick: TicketsTick) -> None:
+        acc = "-" if tick.rolling_accuracy is None else f"{tick.rolling_accuracy:.3f}"
+        drifts = ", ".join(f"{k} {v}" for k, v in sorted(tick.drifts.items())) or "none"
+        live.update(
+            f"[bold]{tick.elapsed_s:5.0f} s[/]  produced {tick.produced:>5}  "
+            f"scored {tick.scored:>5} ({tick.events_per_s:,.0f}/s)  learned {tick.learned:>5}  "
+            f"served accuracy (last 250 labelled) {acc}  in ClickHouse {tick.in_warehouse:>5}\n"
+            f"       weak labels {tick.weak_labels:>5}  flags {tick.flags:>4}  "
+            f"summaries {tick.summaries:>4}  new clusters {tick.new_clusters}  "
+            f"drift detections: {drifts}  dead letters {tick.dead_letters}"
+        )
+
+    def action() -> None:
+        with live:
+            report = run_tickets_demo(settings, events, _say, on_tick, keep_broker=keep_broker)
+        _print_demo_tickets(report)
+
+    _run(action)
+
+
+def _print_demo_tickets(report: Any) -> None:
+    """The tickets demo's report (streamml.demo_tickets_report.TicketsReport)."""
+    from streamml.models.tickets import NEW_PRODUCT
+
+    new_at = report.new_product_at
+    console.print(
+        f"\n[bold green]tickets demo finished[/] in {report.seconds:.0f} s: {report.events} "
+        f"tickets -> {report.good} answers + {report.bad} dead letters in ClickHouse; "
+        f"{report.labelled} came with a label; the {NEW_PRODUCT} from ticket {new_at}"
+    )
+    console.print(f"served: {report.model}", highlight=False)
+    acc = Table(
+        "tickets",
+        "labelled",
+        "served",
+        "majority baseline",
+        "weak labels (given on)",
+        title="accuracy on the labelled tickets: the online model that learns on the "
+        "embeddings (served) and the zero-shot weak labels (ClickHouse)",
+    )
+    for b in report.buckets:
+        mark = f"  <- {NEW_PRODUCT} from {new_at}" if b.first <= new_at <= b.last else ""
+        weak = "-" if b.weak is None else f"{b.weak:.3f}"
+        acc.add_row(
+            f"{b.first}-{b.last}{mark}",
+            str(b.labelled),
+            f"{b.served:.3f}",
+            f"{b.baseline:.3f}",
+            f"{weak} ({b.weak_share:.0%})",
+        )
+    console.print(acc)
+    console.print(
+        f"served accuracy {report.served_accuracy:.3f} against a majority baseline of "
+        f"{report.baseline:.3f}; weak labels (written at confidence >= "
+        f"{report.weak_min_confidence:g}) on {report.weak_judged} of the {report.labelled} "
+        f"labelled tickets, right on {report.weak_accuracy:.3f} of them"
+    )
+    roles = Table(
+        "model version",
+        "role",
+        "labelled",
+        "accuracy",
+        title="every model, and the labeller (its top class, at any confidence), scored on "
+        "the same labels (metrics)",
+    )
+    for row in report.roles:
+        roles.add_row(*[str(v) for v in row])
+    console.print(roles)
+    _print_clusters(report)
+    drift = Table(
+        "kind", "detector", "target", "detections", "first at ticket", title="drift (ClickHouse)"
+    )
+    for kind, detector, target, n, first in report.drift:
+        drift.add_row(kind, detector, target, str(n), str(first))
+    console.print(drift)
+    console.print(
+        f"{report.flag_count} flags (served model and weak labeller confidently disagree); "
+        f"of the {report.flags_labelled} with a true label, the served model was right on "
+        f"{report.flags_served_right}, the weak label on {report.flags_weak_right}"
+    )
+    flags = Table("ticket", "served", "weak label", "true label", title="a few flags")
+    for body, served, s_conf, weak, w_conf, label in report.flags:
+        flags.add_row(body[:70], f"{served} ({s_conf:.2f})", f"{weak} ({w_conf:.2f})", label)
+    console.print(flags)
+    summaries = Table(
+        "ticket",
+        "summary",
+        title=f"summaries ({report.summary_count} of {report.good} tickets, sampled)",
+    )
+    for event_id, summary, body in report.summaries:
+        summaries.add_row(f"{event_id}: {body[:80]}", summary)
+    console.print(summaries)
+    if report.audit:
+        audit = Table("at", "action", "version", "previous", "why", title="audit trail")
+        for row in report.audit:
+            audit.add_row(*[str(v) for v in row])
+        console.print(audit)
+    dlq = Table("error class", "rows", "example reason", title="dead letters")
+    for error_class, n, example in report.dead_letters:
+        dlq.add_row(str(error_class), str(n), str(example))
+    console.print(dlq)
+    command, output = report.ask
+    if command:
+        console.print(f"[bold]$ {command}[/]", highlight=False)
+        console.print(output, highlight=False, markup=False)
+    if report.png:
+        console.print(f"accuracy over time saved to [bold]{report.png}[/]")
+    if report.state_dir:
+        console.print(
+            f"the demo's stack is in {report.state_dir}; query it with "
+            f'STREAMML_STATE_DIR={report.state_dir} streamml query "..." (replaced by the next '
+            "tickets demo run)",
+            highlight=False,
+        )
+    for line in report.stopped:
+        console.print(f"[dim]{line}[/]")
+    if report.left_running:
+        console.print("[yellow]left running:[/] " + "; ".join(report.left_running))
+    else:
+        console.print("[green]nothing left running[/]")
+
+
+def _print_clusters(report: Any) -> None:
+    """The clusters that hold the new product's tickets, and those reported as new."""
+    from collections import Counter
+
+    from streamml.models.tickets import NEW_PRODUCT
+
+    new_at, everything = report.new_product_at, report.clusters
+    total = sum(c.new_product for c in everything)
+    table = Table(
+        "partition",
+        "cluster",
+        "tickets",
+        "first ticket",
+        NEW_PRODUCT,
+        "top class (share)",
+        "reported new at",
+        title=f"clusters of the ticket texts: those with the {NEW_PRODUCT}'s tickets, and "
+        "those reported new (each partition clusters its own tickets)",
+    )
+    for c in everything:
+        if c.reported_at is None and c.new_product < 0.1 * total:
+            continue
+        table.add_row(
+            str(c.partition),
+            str(c.cluster),
+            str(c.events),
+            str(c.first),
+            f"{c.new_product} ({c.new_product / c.events:.0%})",
+            f"{c.top_class} ({c.top_share:.2f})",
+            "-" if c.reported_at is None else f"ticket {c.reported_at}",
+        )
+    console.print(table)
+    per_partition = Counter(c.partition for c in everything)
+    opened_after = sum(c.new_product for c in everything if c.first >= new_at)
+    at = [i for *_, i in report.new_clusters]
+    console.print(
+        f"{len(everything)} clusters in all ({', '.join(map(str, per_partition.values()))} per "
+        f"partition); of the {total} {NEW_PRODUCT} tickets, {opened_after} went to clusters "
+        f"opened at or after ticket {new_at}; {len(at)} new_cluster drift events at tickets "
+        f"{at or '-'} ({sum(i >= new_at for i in at)} at or after ticket {new_at})",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -136,6 +136,49 @@ def training_rows(
     return Query(text, params)
 
 
+def weak_training_rows(
+    pipeline: str,
+    source: str,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    cutoff_ms: int | None = None,
+) -> Query:
+    """(event_id, ts_ms, features, label, confidence): events with a weak label from
+    ``source`` and no true label known by ``cutoff_ms`` (what training may add to its
+    training part, weighted by confidence)."""
+    params: dict[str, Any] = {"pipeline": pipeline, "source": source}
+    where = ["pipeline = {pipeline:String}"]
+    if since_ms is not None:
+        where.append("ts >= fromUnixTimestamp64Milli({since_ms:Int64})")
+        params["since_ms"] = int(since_ms)
+    if until_ms is not None:
+        where.append("ts < fromUnixTimestamp64Milli({until_ms:Int64})")
+        params["until_ms"] = int(until_ms)
+    known = ""
+    if cutoff_ms:
+        known = "AND inserted_at <= fromUnixTimestamp64Milli({cutoff_ms:Int64})"
+        params["cutoff_ms"] = int(cutoff_ms)
+    text = f"""
+        SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
+               f.features AS features, a.label AS label, a.confidence AS confidence
+        FROM (
+            SELECT event_id, argMax(ts, inserted_at) AS event_ts,
+                   argMax(features, inserted_at) AS features
+            FROM features WHERE {" AND ".join(where)} GROUP BY event_id
+        ) AS f
+        INNER JOIN (
+            SELECT event_id, argMax(label, inserted_at) AS label,
+                   argMax(confidence, inserted_at) AS confidence
+            FROM annotations WHERE pipeline = {{pipeline:String}} AND source = {{source:String}}
+            {known} GROUP BY event_id
+        ) AS a ON f.event_id = a.event_id
+        WHERE f.event_id NOT IN (
+            SELECT event_id FROM labels WHERE pipeline = {{pipeline:String}} {known}
+        )
+        ORDER BY ts_ms, event_id"""
+    return Query(text, params)
+
+
 def served_scores(pipeline: str, version: str, event_ids: Sequence[str]) -> Query:
     """(event_id, score, probabilities) that ``version`` served for these events."""
     return Query(
@@ -405,4 +448,398 @@ def audit_details(pipeline: str) -> Query:
         "SELECT action, details, toUnixTimestamp64Milli(ts) FROM audit_events FINAL "
         "WHERE pipeline = {pipeline:String} ORDER BY ts",
         {"pipeline": pipeline},
+    )
+
+
+# --- streamml ask: the vetted templates ----------------------------------------------
+# Each answers one kind of question about one pipeline, read-only; `streamml ask` picks
+# one by meaning and fills in the parameters. Times are event time, as ms since the epoch,
+# over [start_ms, end_ms); version '' means every model version.
+_ASK_RANGE = (
+    "{col} >= fromUnixTimestamp64Milli({{start_ms:Int64}}) "
+    "AND {col} < fromUnixTimestamp64Milli({{end_ms:Int64}})"
+)
+_ASK_VERSION = "({{version:String}} = '' OR {col} = {{version:String}})"
+
+
+def _ask(pipeline: str, start_ms: int, end_ms: int, **more: Any) -> dict[str, Any]:
+    return {"pipeline": pipeline, "start_ms": int(start_ms), "end_ms": int(end_ms), **more}
+
+
+def _in_range(col: str = "ts") -> str:
+    return _ASK_RANGE.format(col=col)
+
+
+def _of_version(col: str = "model_version") -> str:
+    return _ASK_VERSION.format(col=col)
+
+
+def ask_served_accuracy(pipeline: str, start_ms: int, end_ms: int, version: str) -> Query:
+    """(hour, model_version, labelled, accuracy) of the served answers that have a label."""
+    return Query(
+        f"""
+        SELECT toStartOfHour(p.ts) AS hour, p.model_version AS model_version,
+               count() AS labelled, round(avg(p.predicted_class = l.label), 4) AS accuracy
+        FROM (SELECT event_id, ts, model_version, predicted_class FROM predictions FINAL
+              WHERE pipeline = {{pipeline:String}} AND served = 1
+              AND {_in_range()} AND {_of_version()}) AS p
+        INNER JOIN (SELECT event_id, label FROM labels FINAL
+                    WHERE pipeline = {{pipeline:String}}) AS l ON p.event_id = l.event_id
+        GROUP BY hour, model_version ORDER BY hour, model_version""",
+        _ask(pipeline, start_ms, end_ms, version=version),
+    )
+
+
+def ask_drift_events(pipeline: str, start_ms: int, end_ms: int, version: str, limit: int) -> Query:
+    """The latest drift detections: when, on which model, kind, detector and statistic."""
+    return Query(
+        f"""
+        SELECT ts, model_version, kind, detector, target, round(statistic, 4) AS statistic,
+               round(threshold, 4) AS threshold
+        FROM drift_events FINAL
+        WHERE pipeline = {{pipeline:String}} AND {_in_range()} AND {_of_version()}
+        ORDER BY ts DESC, drift_id LIMIT {{limit:UInt32}}""",
+        _ask(pipeline, start_ms, end_ms, version=version, limit=int(limit)),
+    )
+
+
+def ask_dead_letters(pipeline: str, start_ms: int, end_ms: int) -> Query:
+    """(error_class, n, first, last, example reason) of the dead letters."""
+    return Query(
+        f"""
+        SELECT error_class, count() AS n, min(ts) AS first, max(ts) AS last,
+               argMin(reason, ts) AS example
+        FROM dead_letters FINAL WHERE pipeline = {{pipeline:String}} AND {_in_range()}
+        GROUP BY error_class ORDER BY n DESC, error_class""",
+        _ask(pipeline, start_ms, end_ms),
+    )
+
+
+def ask_champion_vs_challengers(pipeline: str, start_ms: int, end_ms: int, version: str) -> Query:
+    """Accuracy and ROC AUC per model version and role from the per-minute metrics,
+    weighted by the labels each minute counted; the champion first (and kept when one
+    challenger ``version`` is named)."""
+
+    def weighted(metric: str) -> str:
+        return (
+            f"round(sumIf(value * n, metric = '{metric}')\n"
+            f"                     / nullIf(sumIf(n, metric = '{metric}'), 0), 4)"
+        )
+
+    return Query(
+        f"""
+        SELECT model_version, role,
+               {weighted("accuracy")} AS accuracy,
+               {weighted("roc_auc")} AS roc_auc,
+               sumIf(n, metric = 'accuracy') AS labelled,
+               min(window_start) AS first_minute, max(window_start) AS last_minute
+        FROM metrics FINAL
+        WHERE pipeline = {{pipeline:String}} AND {_in_range("window_start")}
+        AND ({_of_version()} OR role = 'champion')
+        GROUP BY model_version, role
+        ORDER BY role = 'champion' DESC, model_version, role""",
+        _ask(pipeline, start_ms, end_ms, version=version),
+    )
+
+
+def ask_latency(pipeline: str, start_ms: int, end_ms: int, version: str) -> Query:
+    """p50/p95/p99 of scoring latency and of event-to-prediction latency per model."""
+    cols = ",\n               ".join(
+        f"round(quantile({q})({c}), 3) AS {name}_p{int(q * 100)}"
+        for c, name in (("latency_ms", "score"), ("e2e_latency_ms", "e2e"))
+        for q in (0.5, 0.95, 0.99)
+    )
+    return Query(
+        f"""
+        SELECT model_version, role, count() AS predictions, {cols}
+        FROM predictions FINAL
+        WHERE pipeline = {{pipeline:String}} AND {_in_range()} AND {_of_version()}
+        GROUP BY model_version, role ORDER BY model_version, role""",
+        _ask(pipeline, start_ms, end_ms, version=version),
+    )
+
+
+def ask_volume(pipeline: str, start_ms: int, end_ms: int, version: str, bucket_s: int) -> Query:
+    """Per time bucket: events answered (served) and predictions made by every model."""
+    return Query(
+        f"""
+        SELECT toStartOfInterval(ts, toIntervalSecond({{bucket_s:UInt32}})) AS bucket,
+               countIf(served = 1) AS served, count() AS predictions
+        FROM predictions FINAL
+        WHERE pipeline = {{pipeline:String}} AND {_in_range()} AND {_of_version()}
+        GROUP BY bucket ORDER BY bucket""",
+        _ask(pipeline, start_ms, end_ms, version=version, bucket_s=int(bucket_s)),
+    )
+
+
+def ask_alerts_firing(pipeline: str) -> Query:
+    """The alert rules whose latest transition is 'firing': since when, value, threshold."""
+    return Query(
+        """
+        SELECT rule, metric, since, value, threshold, message FROM (
+            SELECT rule, argMax(state, ts) AS state, argMax(metric, ts) AS metric,
+                   max(ts) AS since, argMax(value, ts) AS value,
+                   argMax(threshold, ts) AS threshold, argMax(message, ts) AS message
+            FROM alerts FINAL WHERE pipeline = {pipeline:String} GROUP BY rule)
+        WHERE state = 'firing' ORDER BY since DESC, rule""",
+        {"pipeline": pipeline},
+    )
+
+
+def ask_alert_history(pipeline: str, start_ms: int, end_ms: int, limit: int) -> Query:
+    """Alert transitions (firing, resolved), newest first."""
+    return Query(
+        f"""
+        SELECT ts, rule, state, metric, value, threshold, message FROM alerts FINAL
+        WHERE pipeline = {{pipeline:String}} AND {_in_range()}
+        ORDER BY ts DESC, rule LIMIT {{limit:UInt32}}""",
+        _ask(pipeline, start_ms, end_ms, limit=int(limit)),
+    )
+
+
+def ask_model_changes(pipeline: str, start_ms: int, end_ms: int, version: str, limit: int) -> Query:
+    """The audit trail of which model serves: promotions, rollbacks, challengers set,
+    archived versions, newest first."""
+    return Query(
+        f"""
+        SELECT ts, action, version, previous, reason, actor FROM audit_events FINAL
+        WHERE pipeline = {{pipeline:String}} AND {_in_range()}
+        AND action IN ('promoted', 'rolled_back', 'challenger_set', 'archived')
+        AND ({_of_version("version")} OR previous = {{version:String}})
+        ORDER BY ts DESC, action LIMIT {{limit:UInt32}}""",
+        _ask(pipeline, start_ms, end_ms, version=version, limit=int(limit)),
+    )
+
+
+def ask_label_coverage(pipeline: str, start_ms: int, end_ms: int) -> Query:
+    """(answered, labelled, coverage): the share of served events that have a label."""
+    return Query(
+        f"""
+        SELECT count() AS answered,
+               countIf(event_id IN (SELECT event_id FROM labels
+                                    WHERE pipeline = {{pipeline:String}})) AS labelled,
+               round(labelled / greatest(answered, 1), 4) AS coverage
+        FROM (SELECT DISTINCT event_id FROM predictions
+              WHERE pipeline = {{pipeline:String}} AND served = 1 AND {_in_range()})""",
+        _ask(pipeline, start_ms, end_ms),
+    )
+
+
+def ask_weak_label_accuracy(pipeline: str, start_ms: int, end_ms: int) -> Query:
+    """Per weak labeller (annotations.source): how many events it annotated, how many of
+    them have a true label, how often it agreed with it, its mean confidence."""
+    return Query(
+        f"""
+        SELECT a.source AS source, count() AS annotated, sum(l.known) AS labelled,
+               round(sumIf(a.label = l.label, l.known = 1) / greatest(labelled, 1), 4)
+                   AS accuracy,
+               round(avg(a.confidence), 4) AS mean_confidence
+        FROM (SELECT event_id, source, label, confidence FROM annotations FINAL
+              WHERE pipeline = {{pipeline:String}} AND {_in_range()}) AS a
+        LEFT JOIN (SELECT event_id, label, toUInt8(1) AS known FROM labels FINAL
+                   WHERE pipeline = {{pipeline:String}}) AS l ON a.event_id = l.event_id
+        GROUP BY source ORDER BY source""",
+        _ask(pipeline, start_ms, end_ms),
+    )
+
+
+def ask_flags(pipeline: str, start_ms: int, end_ms: int) -> Query:
+    """Flags (served model and weak labeller confidently disagreeing) per labeller and
+    judge verdict, and, among the flags a true label came for, how often the flag was right
+    (the served class wrong) and how often the weak label was."""
+    return Query(
+        f"""
+        SELECT f.source AS source, if(f.judge = '', '(not judged)', f.judge) AS verdict,
+               count() AS flags,
+               round(avg(f.served_confidence), 4) AS served_confidence,
+               round(avg(f.weak_confidence), 4) AS weak_confidence,
+               countIf(l.event_id != '') AS labelled,
+               round(countIf(l.event_id != '' AND l.label != f.predicted_class)
+                     / greatest(labelled, 1), 4) AS served_wrong,
+               round(countIf(l.event_id != '' AND l.label = f.weak_label)
+                     / greatest(labelled, 1), 4) AS weak_right
+        FROM (SELECT * FROM flags FINAL
+              WHERE pipeline = {{pipeline:String}} AND {_in_range()}) AS f
+        LEFT JOIN (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
+                   WHERE pipeline = {{pipeline:String}} GROUP BY event_id) AS l
+        ON f.event_id = l.event_id
+        GROUP BY source, verdict ORDER BY flags DESC, source, verdict""",
+        _ask(pipeline, start_ms, end_ms),
+    )
+
+
+def ask_class_mix(pipeline: str, start_ms: int, end_ms: int, version: str) -> Query:
+    """(predicted_class, n, share) of the served answers."""
+    return Query(
+        f"""
+        SELECT predicted_class, count() AS n, round(n / sum(n) OVER (), 4) AS share
+        FROM predictions FINAL
+        WHERE pipeline = {{pipeline:String}} AND served = 1 AND {_in_range()}
+        AND {_of_version()}
+        GROUP BY predicted_class ORDER BY n DESC, predicted_class""",
+        _ask(pipeline, start_ms, end_ms, version=version),
+    )
+
+
+def ask_confusion(pipeline: str, start_ms: int, end_ms: int, version: str) -> Query:
+    """(label, predicted, n): the served answers against the true labels."""
+    return Query(
+        f"""
+        SELECT l.label AS label, p.predicted_class AS predicted, count() AS n
+        FROM (SELECT event_id, predicted_class FROM predictions FINAL
+              WHERE pipeline = {{pipeline:String}} AND served = 1
+              AND {_in_range()} AND {_of_version()}) AS p
+        INNER JOIN (SELECT event_id, label FROM labels FINAL
+                    WHERE pipeline = {{pipeline:String}}) AS l ON p.event_id = l.event_id
+        GROUP BY label, predicted ORDER BY label, predicted""",
+        _ask(pipeline, start_ms, end_ms, version=version),
+    )
+
+
+def ask_model_versions(pipeline: str, limit: int) -> Query:
+    """The registered model versions: stage, kind, traffic share, when made, newest first."""
+    return Query(
+        """
+        SELECT version, model_name, kind, stage, traffic_share, created_at, parent_version
+        FROM model_versions FINAL WHERE pipeline = {pipeline:String}
+        ORDER BY created_at DESC, version LIMIT {limit:UInt32}""",
+        {"pipeline": pipeline, "limit": int(limit)},
+    )
+
+
+def ask_known_versions(pipeline: str) -> Query:
+    """Every model version that predicted, was measured or was registered for a pipeline."""
+    return Query(
+        "SELECT DISTINCT model_version FROM predictions WHERE pipeline = {pipeline:String} "
+        "UNION DISTINCT SELECT model_version FROM metrics WHERE pipeline = {pipeline:String} "
+        "UNION DISTINCT SELECT version FROM model_versions WHERE pipeline = {pipeline:String}",
+        {"pipeline": pipeline},
+    )
+
+
+# --- the tickets demo's report -------------------------------------------------------
+# One run's events have ids ``<prefix><index>``; ``start`` is where the index begins
+# (substring() counts bytes).
+def _tickets_run(pipeline: str, prefix: str, **more: Any) -> dict[str, Any]:
+    return {"pipeline": pipeline, "prefix": prefix, **more}
+
+
+def _index_start(prefix: str) -> int:
+    return len(prefix.encode()) + 1
+
+
+def tickets_progress(pipeline: str, prefix: str, source: str, since_ms: int) -> Query:
+    """(events served, dead letters since ``since_ms``, events weak-labelled by
+    ``source``, events labelled) of this run."""
+    return Query(
+        """
+        SELECT (SELECT uniqExact(event_id) FROM predictions WHERE pipeline = {pipeline:String}
+                AND served = 1 AND startsWith(event_id, {prefix:String})),
+               (SELECT count() FROM dead_letters FINAL WHERE pipeline = {pipeline:String}
+                AND ts >= fromUnixTimestamp64Milli({since_ms:Int64})),
+               (SELECT uniqExact(event_id) FROM annotations WHERE pipeline = {pipeline:String}
+                AND source = {source:String} AND startsWith(event_id, {prefix:String})),
+               (SELECT uniqExact(event_id) FROM labels WHERE pipeline = {pipeline:String}
+                AND startsWith(event_id, {prefix:String}))""",
+        _tickets_run(pipeline, prefix, source=source, since_ms=since_ms),
+    )
+
+
+def tickets_rolling_accuracy(pipeline: str, prefix: str, last: int) -> Query:
+    """(served accuracy,) on the latest ``last`` labelled and served events of this run
+    (-1: none yet)."""
+    return Query(
+        """
+        SELECT if(count() = 0, -1, avg(right)) FROM (
+            SELECT p.cls = l.label AS right
+            FROM (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
+                  WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
+                  GROUP BY event_id) AS l
+            INNER JOIN (SELECT event_id, any(predicted_class) AS cls FROM predictions
+                        WHERE pipeline = {pipeline:String} AND served = 1
+                        AND startsWith(event_id, {prefix:String}) GROUP BY event_id) AS p
+            ON l.event_id = p.event_id
+            ORDER BY toUInt64(substring(l.event_id, {start:UInt64})) DESC LIMIT {last:UInt32})""",
+        _tickets_run(pipeline, prefix, start=_index_start(prefix), last=last),
+    )
+
+
+def tickets_labeller_labelled(pipeline: str, since_ms: int) -> Query:
+    """(labelled events,) counted by the labeller's accuracy rows of the windowed metrics
+    from the minute of ``since_ms`` on (NULL: none yet)."""
+    return Query(
+        "SELECT sum(n) FROM metrics FINAL WHERE pipeline = {pipeline:String} "
+        "AND role = 'labeller' AND metric = 'accuracy' "
+        "AND window_start >= toStartOfMinute(fromUnixTimestamp64Milli({since_ms:Int64}))",
+        {"pipeline": pipeline, "since_ms": since_ms},
+    )
+
+
+def tickets_labelled(pipeline: str, prefix: str, source: str) -> Query:
+    """(index, served class, weak label of ``source``, true label) of this run's labelled
+    events, by index; '' where no answer or no weak label came."""
+    return Query(
+        """
+        SELECT toUInt64(substring(l.event_id, {start:UInt64})) AS i, p.cls, a.weak, l.label
+        FROM (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
+              WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
+              GROUP BY event_id) AS l
+        LEFT JOIN (SELECT event_id, any(predicted_class) AS cls FROM predictions
+                   WHERE pipeline = {pipeline:String} AND served = 1
+                   AND startsWith(event_id, {prefix:String}) GROUP BY event_id) AS p
+        ON l.event_id = p.event_id
+        LEFT JOIN (SELECT event_id, argMax(label, inserted_at) AS weak FROM annotations
+                   WHERE pipeline = {pipeline:String} AND source = {source:String}
+                   AND startsWith(event_id, {prefix:String}) GROUP BY event_id) AS a
+        ON l.event_id = a.event_id
+        ORDER BY i""",
+        _tickets_run(pipeline, prefix, source=source, start=_index_start(prefix)),
+    )
+
+
+def tickets_drift(pipeline: str, since_ms: int) -> Query:
+    """(kind, detector, target, detections, first event time ms, partition) of the drift
+    events since ``since_ms``, first detected first; a new cluster's id is its partition's
+    (partition -1: every partition)."""
+    return Query(
+        "SELECT kind, detector, target, count(), min(JSONExtractInt(details, 'event_ts_ms')), "
+        "if(detector = 'new_cluster', JSONExtractInt(details, 'partition'), -1) AS part "
+        "FROM drift_events FINAL WHERE pipeline = {pipeline:String} "
+        "AND ts >= fromUnixTimestamp64Milli({since_ms:Int64}) "
+        "GROUP BY kind, detector, target, part ORDER BY 5",
+        {"pipeline": pipeline, "since_ms": since_ms},
+    )
+
+
+def tickets_clusters(pipeline: str, prefix: str, feature: str) -> Query:
+    """(index, entity key, cluster key ``<feature>#<id>`` or '') of every event of this
+    run in the features logged, from the cluster feature named ``feature``."""
+    return Query(
+        "SELECT toUInt64(substring(event_id, {start:UInt64})), entity_key, "
+        "arrayFirst(k -> startsWith(k, {feature:String}), mapKeys(features)) "
+        "FROM features FINAL WHERE pipeline = {pipeline:String} "
+        "AND startsWith(event_id, {prefix:String})",
+        _tickets_run(pipeline, prefix, feature=f"{feature}#", start=_index_start(prefix)),
+    )
+
+
+def tickets_flags(pipeline: str, prefix: str) -> Query:
+    """(index, served class, served confidence, weak label, weak confidence) of this
+    run's flags, in a fixed order that mixes the events (by hash of the id)."""
+    return Query(
+        "SELECT toUInt64(substring(event_id, {start:UInt64})) AS i, predicted_class, "
+        "served_confidence, weak_label, weak_confidence FROM flags FINAL "
+        "WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String}) "
+        "ORDER BY cityHash64(event_id)",
+        _tickets_run(pipeline, prefix, start=_index_start(prefix)),
+    )
+
+
+def tickets_summaries(pipeline: str, prefix: str) -> Query:
+    """(index, summary) of this run's summarised events, by index."""
+    return Query(
+        "SELECT toUInt64(substring(event_id, {start:UInt64})) AS i, summary "
+        "FROM summaries FINAL WHERE pipeline = {pipeline:String} "
+        "AND startsWith(event_id, {prefix:String}) ORDER BY i",
+        _tickets_run(pipeline, prefix, start=_index_start(prefix)),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +98,23 @@ def phishing() -> Iterator[Example]:
         event_id = f"phishing-{i}"
         record = {"event_id": event_id, "ts": (t0 + dt.timedelta(seconds=i)).isoformat(), **x}
         yield Example(event_id, record, bool(y))
+
+
+def generator_for(spec_fields: set[str]) -> tuple[str, Callable[..., Iterator[Example]]] | None:
+    """The synthetic generator whose records have exactly these schema fields (besides
+    event id and timestamp): ``payments`` for the demo spec and its copies, ``tickets`` for
+    the tickets spec; None when neither fits.
+
+    >>> generator_for({"user_id", "amount", "items", "merchant", "country", "device", "risk"})[0]
+    'payments'
+    >>> generator_for({"x"}) is None
+    True
+    """
+    from streamml.models.tickets import tickets
+
+    for name, make in (("payments", payments), ("tickets", tickets)):
+        sample = next(make(1))
+        assert isinstance(sample.record, dict)
+        if set(sample.record) - {"event_id", "ts"} == spec_fields:
+            return name, make
+    return None

@@ -48,6 +48,16 @@ BUILDERS: dict[str, Callable[[str], sql.Query | None]] = {
     "first_served_after_ms": lambda v: sql.first_served_after_ms(v, v, 0),
     "served_events": lambda v: sql.served_events(v, v),
     "audit_details": lambda v: sql.audit_details(v),
+    "weak_training_rows": lambda v: sql.weak_training_rows(v, v, 1, 2, 3),
+    "ask_flags": lambda v: sql.ask_flags(v, 0, 1),
+    "tickets_progress": lambda v: sql.tickets_progress(v, v, v, 0),
+    "tickets_rolling_accuracy": lambda v: sql.tickets_rolling_accuracy(v, v, 10),
+    "tickets_labeller_labelled": lambda v: sql.tickets_labeller_labelled(v, 0),
+    "tickets_labelled": lambda v: sql.tickets_labelled(v, v, v),
+    "tickets_drift": lambda v: sql.tickets_drift(v, 0),
+    "tickets_clusters": lambda v: sql.tickets_clusters(v, v, v),
+    "tickets_flags": lambda v: sql.tickets_flags(v, v),
+    "tickets_summaries": lambda v: sql.tickets_summaries(v, v),
 }
 
 
