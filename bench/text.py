@@ -24,7 +24,8 @@ events/s). Then the text step with a warm cache (every text seen: no model call)
 cost by feature, and the zero-shot weak labels' accuracy against the true labels.
 
 Live (``--no-live`` skips it): a broker and two workers, one per variant of the spec
-(summaries off / on at sample 1.0, extractive; the online model serving, no batch model),
+(summaries off / on at ``--summary-sample``, 1.0 by default, extractive; the online
+model serving, no batch model),
 fed the same rate in alternating segments after a warm-up; event (producer timestamp) ->
 served prediction emitted, from ClickHouse ``e2e_latency_ms``. The rate defaults to 0.4 of
 the in-engine events/s measured just before (at least 40/s). After a summaries-on segment
@@ -408,7 +409,7 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else values[0]
 
 
-def _spec_variant(summaries: bool) -> dict[str, Any]:
+def _spec_variant(summaries: bool, sample: float) -> dict[str, Any]:
     spec = yaml.safe_load((ROOT / "pipelines" / "tickets.yaml").read_text())
     spec["name"] = "benchtext_on" if summaries else "benchtext_off"
     spec.pop("batch_model", None)  # the online model serves: this is about text, not training
@@ -417,7 +418,7 @@ def _spec_variant(summaries: bool) -> dict[str, Any]:
     spec["alerts"] = {"rules": []}
     spec.get("drift", {}).pop("data", None)
     if summaries:
-        spec["annotate"]["summaries"].update(sample=1.0, method="extractive")
+        spec["annotate"]["summaries"].update(sample=sample, method="extractive")
     else:
         spec["annotate"].pop("summaries")
     return spec
@@ -431,6 +432,7 @@ def _summaries_settled(worker: Any, name: str) -> tuple[int, int]:
 
 
 def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
+    from streamml.agents.annotate import sampled
     from streamml.devstack import LocalBroker
     from streamml.devstack.worker import WorkerProcess
     from streamml.streams.kafka import ensure_pipeline_topics
@@ -443,7 +445,8 @@ def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
     folder.mkdir(parents=True)
     names = ["benchtext_off", "benchtext_on"]
     for name, on in zip(names, (False, True), strict=True):
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(_spec_variant(on)))
+        variant = _spec_variant(on, args.summary_sample)
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(variant))
     settings = settings.model_copy(
         update={
             "pipelines_dir": folder,
@@ -487,7 +490,12 @@ def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
             asyncio.run(
                 produce_examples(worker.settings, spec, examples, rate=rate, label_delay=50)
             )
-            produced[name] += count
+            produced[name] += sum(  # the events the annotator samples for a summary
+                1
+                for e in examples
+                if isinstance(e.record, dict)
+                and sampled(str(e.record["event_id"]), args.summary_sample, "summary")
+            )
             where = (
                 f"FROM predictions FINAL WHERE pipeline = '{name}' AND served = 1 "
                 f"AND startsWith(event_id, 'tkt-{seed}-')"
@@ -570,10 +578,17 @@ def main() -> int:
     parser.add_argument("--live-seconds", type=float, default=15.0, help="per segment")
     parser.add_argument("--live-repeats", type=int, default=4)
     parser.add_argument(
+        "--summary-sample",
+        type=float,
+        default=1.0,
+        help="share of events summarised when summaries are on (the tickets spec ships 0.1)",
+    )
+    parser.add_argument(
         "--keep", type=Path, help="a new directory to keep the workers' logs and state in"
     )
     args = parser.parse_args()
     print(f"load_avg_1_5_15_start={load()} cpus={os.cpu_count()}")
+    print(f"summary_sample={args.summary_sample}")
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or scratch
         if args.keep:

@@ -710,13 +710,18 @@ def _print_demo(report: Any) -> None:
     for error_class, n, example in report.dead_letters:
         dlq.add_row(str(error_class), str(n), str(example))
     console.print(dlq)
+    _demo_ending(report, "demo")
+
+
+def _demo_ending(report: Any, which: str) -> None:
+    """The end of a demo's report: its picture, where its stack is, what was stopped."""
     if report.png:
         console.print(f"accuracy over time saved to [bold]{report.png}[/]")
     if report.state_dir:
         console.print(
             f"the demo's stack (broker data, ClickHouse, registry, reports) is in "
             f"{report.state_dir}; query it with STREAMML_STATE_DIR={report.state_dir} "
-            'streamml query "..." (it is replaced by the next demo run)',
+            f'streamml query "..." (it is replaced by the next {which} run)',
             highlight=False,
         )
     for line in report.stopped:
@@ -839,21 +844,7 @@ def _print_demo_tickets(report: Any) -> None:
     if command:
         console.print(f"[bold]$ {command}[/]", highlight=False)
         console.print(output, highlight=False, markup=False)
-    if report.png:
-        console.print(f"accuracy over time saved to [bold]{report.png}[/]")
-    if report.state_dir:
-        console.print(
-            f"the demo's stack is in {report.state_dir}; query it with "
-            f'STREAMML_STATE_DIR={report.state_dir} streamml query "..." (replaced by the next '
-            "tickets demo run)",
-            highlight=False,
-        )
-    for line in report.stopped:
-        console.print(f"[dim]{line}[/]")
-    if report.left_running:
-        console.print("[yellow]left running:[/] " + "; ".join(report.left_running))
-    else:
-        console.print("[green]nothing left running[/]")
+    _demo_ending(report, "tickets demo")
 
 
 def _print_clusters(report: Any) -> None:

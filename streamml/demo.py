@@ -153,12 +153,20 @@ def run_demo(
         _analytics(worker, report, run_start)
         report.png = _plot(report, home / "accuracy.png", run_start)
     finally:
-        report.stopped.append(worker.stop())
-        if not was_running and not keep_broker:
-            report.stopped.append(broker.down())
-        elif broker.status().state == "running":
-            report.left_running.append(f"Kafka broker at {broker.bootstrap}")
+        stop_stack(report, worker, broker, was_running, keep_broker)
     return report
+
+
+def stop_stack(
+    report: Any, worker: WorkerProcess, broker: LocalBroker, was_running: bool, keep_broker: bool
+) -> None:
+    """Stop the demo's worker, and its broker unless it was running before (or is kept);
+    say what was stopped and what is left running in ``report``."""
+    report.stopped.append(worker.stop())
+    if not was_running and not keep_broker:
+        report.stopped.append(broker.down())
+    elif broker.status().state == "running":
+        report.left_running.append(f"Kafka broker at {broker.bootstrap}")
 
 
 def _fresh_stack(settings: Settings, home: Path, say: Callable[[str], None]) -> Settings:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from streamml import sql
 from streamml.config import Settings
-from streamml.demo import _ask, _cli, _fresh_stack
+from streamml.demo import _ask, _cli, _fresh_stack, stop_stack
 from streamml.demo_tickets_report import (
     PIPELINE,
     TicketsReport,
@@ -119,11 +119,7 @@ def run_tickets_demo(
         report.png = plot(report, home / "tickets.png")
         report.seconds = time.monotonic() - started
     finally:
-        report.stopped.append(worker.stop())
-        if not was_running and not keep_broker:
-            report.stopped.append(broker.down())
-        elif broker.status().state == "running":
-            report.left_running.append(f"Kafka broker at {broker.bootstrap}")
+        stop_stack(report, worker, broker, was_running, keep_broker)
     return report
 
 

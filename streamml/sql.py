@@ -92,17 +92,11 @@ def count_of(query: Query) -> Query:
 
 
 # --- training ------------------------------------------------------------------------
-def training_rows(
-    pipeline: str,
-    since_ms: int | None = None,
-    until_ms: int | None = None,
-    cutoff_ms: int | None = None,
-    last_events: int | None = None,
-) -> Query:
-    """(event_id, ts_ms, features, label): features joined with labels, point-in-time
-    correct -- each event's features as computed at event time, only labels known by
-    ``cutoff_ms`` -- optionally only the latest ``last_events``."""
-    params: dict[str, Any] = {"pipeline": pipeline}
+def _training_window(
+    params: dict[str, Any], since_ms: int | None, until_ms: int | None, cutoff_ms: int | None
+) -> tuple[list[str], str]:
+    """The features' event-time conditions and the labels' point-in-time condition of a
+    training window (adds their parameters to ``params``)."""
     where = ["pipeline = {pipeline:String}"]
     if since_ms is not None:
         where.append("ts >= fromUnixTimestamp64Milli({since_ms:Int64})")
@@ -114,6 +108,21 @@ def training_rows(
     if cutoff_ms:
         known = "AND inserted_at <= fromUnixTimestamp64Milli({cutoff_ms:Int64})"
         params["cutoff_ms"] = int(cutoff_ms)
+    return where, known
+
+
+def training_rows(
+    pipeline: str,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    cutoff_ms: int | None = None,
+    last_events: int | None = None,
+) -> Query:
+    """(event_id, ts_ms, features, label): features joined with labels, point-in-time
+    correct -- each event's features as computed at event time, only labels known by
+    ``cutoff_ms`` -- optionally only the latest ``last_events``."""
+    params: dict[str, Any] = {"pipeline": pipeline}
+    where, known = _training_window(params, since_ms, until_ms, cutoff_ms)
     limit = ""
     if last_events:
         limit = "ORDER BY ts_ms DESC LIMIT {last_events:UInt64}"
@@ -147,17 +156,7 @@ def weak_training_rows(
     ``source`` and no true label known by ``cutoff_ms`` (what training may add to its
     training part, weighted by confidence)."""
     params: dict[str, Any] = {"pipeline": pipeline, "source": source}
-    where = ["pipeline = {pipeline:String}"]
-    if since_ms is not None:
-        where.append("ts >= fromUnixTimestamp64Milli({since_ms:Int64})")
-        params["since_ms"] = int(since_ms)
-    if until_ms is not None:
-        where.append("ts < fromUnixTimestamp64Milli({until_ms:Int64})")
-        params["until_ms"] = int(until_ms)
-    known = ""
-    if cutoff_ms:
-        known = "AND inserted_at <= fromUnixTimestamp64Milli({cutoff_ms:Int64})"
-        params["cutoff_ms"] = int(cutoff_ms)
+    where, known = _training_window(params, since_ms, until_ms, cutoff_ms)
     text = f"""
         SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
                f.features AS features, a.label AS label, a.confidence AS confidence

@@ -215,9 +215,10 @@ class Annotator:
     """Sampled language-model work off the hot path: a bounded queue drained by one
     background task that runs each job in a thread and sends its record."""
 
-    def __init__(self, rt: PipelineRuntime, size: int) -> None:
+    def __init__(self, rt: PipelineRuntime, size: int, max_busy_share: float = 1.0) -> None:
         self.rt = rt
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=size)
+        self.max_busy_share = max_busy_share
         self.done = 0
         self.busy_s = 0.0
 
@@ -243,7 +244,9 @@ class Annotator:
                     log.warning("%s: %s failed: %s", rt.name, job.kind, type(exc).__name__)
                 continue
             finally:
-                self.busy_s += time.perf_counter() - t0
+                busy = time.perf_counter() - t0
+                self.busy_s += busy
+                await self._rest(busy)
             if value is None:
                 continue
             try:
@@ -256,6 +259,12 @@ class Annotator:
                 continue
             self.done += 1
             rt.counters[f"annotations.{job.kind}s"] += 1
+
+    async def _rest(self, busy_s: float) -> None:
+        """Wait long enough after ``busy_s`` of work to stay within ``max_busy_share`` of
+        one core: the scoring, not the samples, gets the machine."""
+        if self.max_busy_share < 1.0:
+            await asyncio.sleep(busy_s * (1.0 / self.max_busy_share - 1.0))
 
     def _work(self, job: Job) -> dict[str, Any] | None:
         """Runs in a thread: one job's model call, and the record to send."""

@@ -4,6 +4,7 @@ broker: records in, the outbox's queue out (the real text model, no mocks of it)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import Counter
 from pathlib import Path
@@ -277,3 +278,41 @@ def test_the_generative_model_labels_and_judges_off_the_hot_path(tmp_path: Path)
     judged = annotator._work(Job("judge", 0, 1_000, record, flag))
     assert judged is not None and judged["judge"] in ("served", "weak", "neither")
     assert judged["judge_model"] == generative.MODEL_VERSION and judged["event_id"] == "e0"
+
+
+def test_the_annotator_keeps_within_its_share_of_a_core(tmp_path: Path) -> None:
+    """After each job it rests long enough that its work is at most max_busy_share of the
+    time (the engine's scoring gets the rest); the queue, not the scoring, absorbs it."""
+    import time
+
+    from streamml.schemas.records import Record
+
+    engine, _ = _engine(tmp_path, _spec(summary_sample=1.0))
+    starts: list[float] = []
+
+    class Producer:
+        async def send(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    async def go() -> None:
+        annotator = Annotator(engine.rt, 10, max_busy_share=0.25)
+
+        def work(job: Job) -> Any:
+            starts.append(time.monotonic())
+            time.sleep(0.05)  # stands for a model call
+            return None
+
+        annotator._work = work  # type: ignore[method-assign]
+        for i in range(3):
+            annotator.offer(Job("summary", 0, 1_000, Record(f"e{i}", 1_000, "", {}), {}))
+        task = asyncio.create_task(annotator.run(Producer()))  # type: ignore[arg-type]
+        for _ in range(100):
+            if len(starts) == 3:
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+
+    asyncio.run(go())
+    assert len(starts) == 3
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(g >= 0.05 * 4 * 0.95 for g in gaps), gaps  # work 0.05 s + rest 3 x 0.05 s
