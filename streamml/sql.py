@@ -744,6 +744,15 @@ def tickets_progress(pipeline: str, prefix: str, source: str, since_ms: int) -> 
     )
 
 
+# this run's events (ids starting with {prefix}): their latest labels and served answers
+_RUN_LABELS = """(SELECT event_id, argMax(label, inserted_at) AS label FROM labels
+    WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
+    GROUP BY event_id) AS l"""
+_RUN_SERVED = """(SELECT event_id, any(predicted_class) AS cls FROM predictions
+    WHERE pipeline = {pipeline:String} AND served = 1
+    AND startsWith(event_id, {prefix:String}) GROUP BY event_id) AS p"""
+
+
 def tickets_rolling_accuracy(pipeline: str, prefix: str, last: int) -> Query:
     """(served accuracy,) on the latest ``last`` labelled and served events of this run
     (-1: none yet)."""
@@ -751,12 +760,12 @@ def tickets_rolling_accuracy(pipeline: str, prefix: str, last: int) -> Query:
         """
         SELECT if(count() = 0, -1, avg(right)) FROM (
             SELECT p.cls = l.label AS right
-            FROM (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
-                  WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
-                  GROUP BY event_id) AS l
-            INNER JOIN (SELECT event_id, any(predicted_class) AS cls FROM predictions
-                        WHERE pipeline = {pipeline:String} AND served = 1
-                        AND startsWith(event_id, {prefix:String}) GROUP BY event_id) AS p
+            FROM """
+        + _RUN_LABELS
+        + """
+            INNER JOIN """
+        + _RUN_SERVED
+        + """
             ON l.event_id = p.event_id
             ORDER BY toUInt64(substring(l.event_id, {start:UInt64})) DESC LIMIT {last:UInt32})""",
         _tickets_run(pipeline, prefix, start=_index_start(prefix), last=last),
@@ -780,12 +789,12 @@ def tickets_labelled(pipeline: str, prefix: str, source: str) -> Query:
     return Query(
         """
         SELECT toUInt64(substring(l.event_id, {start:UInt64})) AS i, p.cls, a.weak, l.label
-        FROM (SELECT event_id, argMax(label, inserted_at) AS label FROM labels
-              WHERE pipeline = {pipeline:String} AND startsWith(event_id, {prefix:String})
-              GROUP BY event_id) AS l
-        LEFT JOIN (SELECT event_id, any(predicted_class) AS cls FROM predictions
-                   WHERE pipeline = {pipeline:String} AND served = 1
-                   AND startsWith(event_id, {prefix:String}) GROUP BY event_id) AS p
+        FROM """
+        + _RUN_LABELS
+        + """
+        LEFT JOIN """
+        + _RUN_SERVED
+        + """
         ON l.event_id = p.event_id
         LEFT JOIN (SELECT event_id, argMax(label, inserted_at) AS weak FROM annotations
                    WHERE pipeline = {pipeline:String} AND source = {source:String}

@@ -34,10 +34,9 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from streamml.agents.ingest import failed
 from streamml.agents.runtime import Made, PartitionState, PipelineRuntime
-from streamml.agents.score import Scored, labeller_made  # noqa: F401 (re-exported)
+from streamml.agents.score import Scored
 from streamml.models.drift import Detection
 from streamml.models.online import Prediction
-from streamml.models.text import labeller_source, labeller_version
 from streamml.schemas.spec import PipelineSpec, ZeroShotFeature
 from streamml.streams.outbox import Outbox
 from streamml.streams.topics import dumps
@@ -77,7 +76,12 @@ async def prefetch(rt: PipelineRuntime, messages: Sequence[ConsumerRecord[bytes,
             texts.extend(v for f in text.embedded_fields if isinstance(v := record.get(f), str))
     if texts:
         t0 = time.perf_counter()
-        await asyncio.to_thread(text.embedder.embed, texts)
+        try:
+            await asyncio.to_thread(text.embedder.embed, texts)
+        except Exception as exc:  # never the end of the worker: the text step finds the
+            rt.counters["text.prefetch_failed"] += 1  # record that fails, alone
+            log.warning("%s: embedding a batch failed (%s); per record", rt.name, exc)
+            return
         rt.counters["text.prefetched"] += len(texts)
         rt.counters["text.prefetch_ms"] += int((time.perf_counter() - t0) * 1000)
 
@@ -153,7 +157,7 @@ def annotate(
     key = record.event_id.encode()
     if weak_spec is not None and it.weak is not None:
         label, confidence = it.weak
-        source, version = labeller(spec)
+        source, version = rt.labeller_source, rt.labeller_version
         if confidence >= weak_spec.min_confidence:
             value = {
                 "kind": "weak_label",
@@ -328,8 +332,3 @@ def _classes(spec: PipelineSpec, feature: str) -> tuple[dict[str, str], str]:
         if f.name == feature and isinstance(f, ZeroShotFeature):
             return dict(f.labels), f.field
     raise ValueError(f"{feature!r} is not a zero_shot feature")  # the spec checks this
-
-
-def labeller(spec: PipelineSpec) -> tuple[str, str]:
-    """(source, model version) of the spec's weak labeller."""
-    return labeller_source(spec) or "", labeller_version(spec)

@@ -26,7 +26,7 @@ import orjson
 from streamml.models.drift import Detection, DriftMonitor
 from streamml.models.features import SEEN, Featurizer, GlobalState
 from streamml.models.online import OnlineLearner, Prediction
-from streamml.models.text import TextFeaturizer, labeller_source
+from streamml.models.text import TextFeaturizer, labeller_source, labeller_version
 from streamml.schemas.pii import NO_PII, Protector, marked
 from streamml.schemas.spec import PipelineSpec
 from streamml.secrets import pii_key
@@ -210,6 +210,7 @@ class PipelineRuntime:
     # the spec's text features, computed per batch (None: the spec has none)
     text: TextFeaturizer | None = None
     labeller_source: str = ""  # zero_shot:<feature> when the spec asks for weak labels
+    labeller_version: str = ""  # the labeller's model version (computed once, not per event)
     annotator: Annotator | None = None  # sampled background jobs (summaries, judge)
 
     @classmethod
@@ -244,6 +245,7 @@ class PipelineRuntime:
             pii=pii,
             text=text,
             labeller_source=labeller_source(spec) or "",
+            labeller_version=labeller_version(spec) if spec.annotate.weak_labels else "",
         )
 
     @property

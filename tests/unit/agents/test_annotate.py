@@ -316,3 +316,28 @@ def test_the_annotator_keeps_within_its_share_of_a_core(tmp_path: Path) -> None:
     assert len(starts) == 3
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(g >= 0.05 * 4 * 0.95 for g in gaps), gaps  # work 0.05 s + rest 3 x 0.05 s
+
+
+def test_a_batch_embedding_failure_falls_back_to_one_dead_letter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch call in prefetch raises (one bad text): the worker goes on, the text step
+    embeds record by record and only that record is a dead letter."""
+    engine, state = _engine(tmp_path, _spec())
+    text = engine.rt.text
+    assert text is not None
+    real = text.embedder.encoder.encode
+
+    def encode(texts: Any) -> Any:
+        if TEXTS[2] in texts:
+            raise RuntimeError("boom")
+        return real(texts)
+
+    monkeypatch.setattr(text.embedder.encoder, "encode", encode)
+    sent = _run(engine, state, TEXTS)  # prefetch raises inside: caught and counted
+    assert engine.rt.counters["text.prefetch_failed"] == 1
+    [letter] = sent["dlq"]
+    assert letter["error_class"] == "text_failed" and "boom" in letter["reason"]
+    assert {p["event_id"] for p in sent["predictions"]} == {
+        f"e{i}" for i in range(len(TEXTS)) if i != 2
+    }
