@@ -23,13 +23,17 @@ The same again on ``--small-batch`` records per batch (a live worker's batches a
 events/s). Then the text step with a warm cache (every text seen: no model call) and its
 cost by feature, and the zero-shot weak labels' accuracy against the true labels.
 
-Live (``--no-live`` skips it): a broker and two workers, one per variant of the spec
-(summaries off / on at ``--summary-sample``, 1.0 by default, extractive; the online
-model serving, no batch model),
-fed the same rate in alternating segments after a warm-up; event (producer timestamp) ->
-served prediction emitted, from ClickHouse ``e2e_latency_ms``. The rate defaults to 0.4 of
-the in-engine events/s measured just before (at least 40/s). After a summaries-on segment
-the bench waits for the annotator to finish its queue, so it never runs into the next.
+Live (``--no-live`` skips it; ``--live-only --rate R`` runs only it): a broker and two
+workers, one per variant of the spec (summaries off / on at ``--summary-sample``, 1.0 by
+default, extractive; the online model serving, no batch model), fed the same rate in
+alternating segments (``--live-repeats`` of ``--live-seconds`` each) after a warm-up;
+event (producer timestamp) -> served prediction emitted, from ClickHouse
+``e2e_latency_ms``. The rate defaults to 0.2 of the in-engine events/s measured just
+before (at least 40/s). After a summaries-on segment the bench waits for the annotator to
+finish its queue, so it never runs into the next. Besides each variant's per-segment
+p99s it prints the p99 of all a variant's events pooled, their ratio with a 90% interval
+from resampling whole segments, and the same ratio for the off variant's odd segments
+against its even ones: what the bench reads as a difference when there is none.
 Prints ``key=value`` lines; progress goes to stderr.
 """
 
@@ -409,7 +413,27 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else values[0]
 
 
-def _spec_variant(summaries: bool, sample: float) -> dict[str, Any]:
+def pooled_p99_ratio(
+    on: list[list[float]], off: list[list[float]], resamples: int = 2000, seed: int = 5
+) -> tuple[float, float, float]:
+    """p99 of all ``on`` segments' latencies over that of all ``off`` ones, and a 90%
+    interval from resampling whole segments (a segment's hiccups hit many of its events
+    at once, so events are not independent; segments are)."""
+    rng = np.random.default_rng(seed)
+
+    def p99(segments: list[list[float]]) -> float:
+        return float(np.quantile(np.concatenate(segments), 0.99))
+
+    ratios = [
+        p99([on[i] for i in rng.integers(0, len(on), len(on))])
+        / p99([off[i] for i in rng.integers(0, len(off), len(off))])
+        for _ in range(resamples)
+    ]
+    lo, hi = np.quantile(ratios, [0.05, 0.95])
+    return p99(on) / p99(off), float(lo), float(hi)
+
+
+def _spec_variant(summaries: bool, sample: float, busy_share: float | None) -> dict[str, Any]:
     spec = yaml.safe_load((ROOT / "pipelines" / "tickets.yaml").read_text())
     spec["name"] = "benchtext_on" if summaries else "benchtext_off"
     spec.pop("batch_model", None)  # the online model serves: this is about text, not training
@@ -419,6 +443,8 @@ def _spec_variant(summaries: bool, sample: float) -> dict[str, Any]:
     spec.get("drift", {}).pop("data", None)
     if summaries:
         spec["annotate"]["summaries"].update(sample=sample, method="extractive")
+        if busy_share is not None:
+            spec["annotate"]["max_busy_share"] = busy_share
     else:
         spec["annotate"].pop("summaries")
     return spec
@@ -445,7 +471,7 @@ def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
     folder.mkdir(parents=True)
     names = ["benchtext_off", "benchtext_on"]
     for name, on in zip(names, (False, True), strict=True):
-        variant = _spec_variant(on, args.summary_sample)
+        variant = _spec_variant(on, args.summary_sample, args.max_busy_share)
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(variant))
     settings = settings.model_copy(
         update={
@@ -505,7 +531,9 @@ def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name}: predictions missing\n{worker.log_tail()}")
                 time.sleep(0.2)
-            lat = [float(r[0]) for r in worker.query(f"SELECT e2e_latency_ms {where}")[1]]
+            lat = [  # in event time order: where in a segment the slow events are
+                float(r[0]) for r in worker.query(f"SELECT e2e_latency_ms {where} ORDER BY ts")[1]
+            ]
             t0, drain = time.monotonic(), 0.0
             if name.endswith("_on"):  # let the annotator finish before the next segment
                 while sum(_summaries_settled(worker, name)) < produced[name]:
@@ -520,9 +548,11 @@ def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
         p50: dict[str, list[float]] = {k: [] for k in names}
         p99: dict[str, list[float]] = {k: [] for k in names}
         drains: list[float] = []
+        segments: dict[str, list[list[float]]] = {k: [] for k in names}
         for r in range(args.live_repeats):
             for name in names if r % 2 == 0 else names[::-1]:
                 lat, drain = segment(name, 1000 + 10 * r + names.index(name), n)
+                segments[name].append(lat)
                 p50[name].append(quantile(lat, 0.5))
                 p99[name].append(quantile(lat, 0.99))
                 if drain:
@@ -550,6 +580,25 @@ def live(args: argparse.Namespace, rate: float, tmp: Path) -> None:
     print(f"ratio_p99_summaries_on_over_off={med(on) / med(off):.2f}")
     pairs = [a / b for a, b in zip(on, off, strict=True)]
     print(f"ratio_p99_summaries_on_over_off_per_repeat={','.join(f'{v:.2f}' for v in pairs)}")
+    ratio, lo, hi = pooled_p99_ratio(segments["benchtext_on"], segments["benchtext_off"])
+    print(f"ratio_p99_pooled_summaries_on_over_off={ratio:.2f} ci90={lo:.2f}-{hi:.2f}")
+    halves = segments["benchtext_off"][0::2], segments["benchtext_off"][1::2]
+    if min(map(len, halves)) > 0:  # the same variant against itself: the noise
+        ratio, lo, hi = pooled_p99_ratio(*halves)
+        print(f"ratio_p99_pooled_off_odd_over_even={ratio:.2f} ci90={lo:.2f}-{hi:.2f}")
+    for name, tag in zip(names, ("summaries_off", "summaries_on"), strict=True):
+        pooled = [v for seg in segments[name] for v in seg]
+        print(f"e2e_p99_ms_pooled_{tag}={quantile(pooled, 0.99):.1f}")
+        slow = [  # the share of each segment's slowest 1% in its first tenth
+            i / len(seg)
+            for seg, cut in ((seg, quantile(seg, 0.99)) for seg in segments[name])
+            for i, v in enumerate(seg)
+            if v >= cut
+        ]
+        first = sum(x < 0.1 for x in slow) / max(len(slow), 1)
+        print(f"slowest_1pct_share_in_first_tenth_of_segment_{tag}={first:.2f}")
+    above = sum((a > b) + 0.5 * (a == b) for a in on for b in off) / (len(on) * len(off))
+    print(f"p99_segment_pairs_on_above_off={above:.2f}")  # 0.5: no difference
     print(f"p99_spread_max_over_min_summaries_off={max(off) / min(off):.2f}")
     print(f"p99_spread_max_over_min_summaries_on={max(on) / min(on):.2f}")
     for name, tag in zip(names, ("summaries_off", "summaries_on"), strict=True):
@@ -569,14 +618,15 @@ def main() -> int:
     )
     parser.add_argument("--small-events", type=int, default=400, help="events for those")
     parser.add_argument("--no-live", action="store_true", help="skip the broker + worker part")
+    parser.add_argument("--live-only", action="store_true", help="only that part (give --rate)")
     parser.add_argument(
         "--rate",
         type=float,
         default=None,
-        help="live events/s (default: 0.4 of in-engine, at least 40)",
+        help="live events/s (default: 0.2 of in-engine, at least 40)",
     )
-    parser.add_argument("--live-seconds", type=float, default=15.0, help="per segment")
-    parser.add_argument("--live-repeats", type=int, default=4)
+    parser.add_argument("--live-seconds", type=float, default=20.0, help="per segment")
+    parser.add_argument("--live-repeats", type=int, default=8)
     parser.add_argument(
         "--summary-sample",
         type=float,
@@ -584,18 +634,26 @@ def main() -> int:
         help="share of events summarised when summaries are on (the tickets spec ships 0.1)",
     )
     parser.add_argument(
+        "--max-busy-share",
+        type=float,
+        default=None,
+        help="annotate.max_busy_share when summaries are on (default: the spec's)",
+    )
+    parser.add_argument(
         "--keep", type=Path, help="a new directory to keep the workers' logs and state in"
     )
     args = parser.parse_args()
+    if args.live_only and not args.rate:
+        parser.error("--live-only needs --rate (the default rate comes from the other part)")
     print(f"load_avg_1_5_15_start={load()} cpus={os.cpu_count()}")
-    print(f"summary_sample={args.summary_sample}")
+    print(f"summary_sample={args.summary_sample} max_busy_share={args.max_busy_share}")
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or scratch
         if args.keep:
             args.keep.mkdir(parents=True)  # a new directory: no state of an earlier run
-        engine_eps = in_process(args, Path(tmp) / "inproc")
+        engine_eps = 0.0 if args.live_only else in_process(args, Path(tmp) / "inproc")
         if not args.no_live:
-            rate = args.rate or max(40.0, min(300.0, round(0.4 * engine_eps / 10) * 10))
+            rate = args.rate or max(40.0, min(300.0, round(0.2 * engine_eps / 10) * 10))
             progress(f"live part at {rate:.0f} events/s")
             live(args, rate, Path(tmp) / "live")
     print(f"load_avg_1_5_15_end={load()}")

@@ -98,6 +98,13 @@ class ModelError(StreamMLError, RuntimeError):
     """Batch training, evaluation or export of a model failed."""
 
 
+class BackgroundProcessDied(ModelError):
+    """The low-priority process for sampled language-model work died (killed, out of
+    memory); it starts again with the next sample."""
+
+    retriable = True
+
+
 class TrainingError(ModelError):
     """Training could not run: too little data, a single class, a bad window."""
 

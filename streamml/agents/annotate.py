@@ -14,7 +14,8 @@
   like any model (``metrics`` rows with role ``labeller``, per source). An event where the
   served class and the weak label differ, both confident, is flagged (``flags``).
 * :class:`Annotator`: summaries, generative weak labels and the generative judge on a
-  sample of events, in a background task with a bounded queue: they never delay scoring
+  sample of events, in a background task with a bounded queue, run in a child process at
+  the lowest CPU priority (:mod:`streamml.models.background`): they never delay scoring
   (a full queue drops the sample and counts it). Their records are sent best-effort
   (at most once) to the same topic.
 """
@@ -27,6 +28,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,7 +37,11 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from streamml.agents.ingest import failed
 from streamml.agents.runtime import Made, PartitionState, PipelineRuntime
 from streamml.agents.score import Scored
+from streamml.config import Settings
+from streamml.models import background
+from streamml.models.background import LowPriorityProcess
 from streamml.models.drift import Detection
+from streamml.models.generative import MODEL_VERSION
 from streamml.models.online import Prediction
 from streamml.schemas.spec import PipelineSpec, ZeroShotFeature
 from streamml.streams.outbox import Outbox
@@ -217,12 +223,24 @@ class Job:
 
 class Annotator:
     """Sampled language-model work off the hot path: a bounded queue drained by one
-    background task that runs each job in a thread and sends its record."""
+    background task that hands each job to a low-priority process of its own
+    (:mod:`streamml.models.background`) and sends its record."""
 
-    def __init__(self, rt: PipelineRuntime, size: int, max_busy_share: float = 1.0) -> None:
+    def __init__(
+        self,
+        rt: PipelineRuntime,
+        size: int,
+        max_busy_share: float = 1.0,
+        process: LowPriorityProcess | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.rt = rt
+        if cache_dir is None:  # where the text encoder is exported (extractive summaries)
+            cache_dir = rt.text.cache_dir if rt.text is not None else Settings().cache_dir
+        self.cache_dir = cache_dir
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=size)
         self.max_busy_share = max_busy_share
+        self.process = process or LowPriorityProcess()
         self.done = 0
         self.busy_s = 0.0
 
@@ -235,95 +253,121 @@ class Annotator:
         return True
 
     async def run(self, producer: AIOKafkaProducer) -> None:
+        try:
+            while True:
+                job = await self.queue.get()
+                value = await self._next(job)
+                if value is not None:
+                    await self._send(producer, job, value)
+        finally:
+            self.process.close()
+
+    async def _next(self, job: Job) -> dict[str, Any] | None:
         rt = self.rt
-        topic = rt.topics["annotations"]
-        while True:
-            job = await self.queue.get()
-            t0 = time.perf_counter()
-            try:
-                value = await asyncio.to_thread(self._work, job)
-            except Exception as exc:  # a model failing on one text is counted, not fatal
-                rt.counters[f"annotations.{job.kind}_failed"] += 1
-                if rt.counters[f"annotations.{job.kind}_failed"] == 1:
-                    log.warning("%s: %s failed: %s", rt.name, job.kind, type(exc).__name__)
-                continue
-            finally:
-                busy = time.perf_counter() - t0
-                self.busy_s += busy
-                await self._rest(busy)
-            if value is None:
-                continue
-            try:
-                await producer.send(
-                    topic, dumps(value), key=job.record.event_id.encode(), partition=job.partition
-                )
-            except Exception as exc:  # best effort: a sample lost to a broker outage
-                rt.counters[f"annotations.{job.kind}_unsent"] += 1
-                log.debug("%s: %s not sent: %s", rt.name, job.kind, exc)
-                continue
-            self.done += 1
-            rt.counters[f"annotations.{job.kind}s"] += 1
+        call = self._call(job)
+        if call is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            result = await self.process.call(background.run, call)
+        except Exception as exc:  # a model failing on one text is counted, not fatal
+            rt.counters[f"annotations.{job.kind}_failed"] += 1
+            if rt.counters[f"annotations.{job.kind}_failed"] == 1:
+                log.warning("%s: %s failed: %s", rt.name, job.kind, type(exc).__name__)
+            return None
+        finally:
+            busy = time.perf_counter() - t0
+            self.busy_s += busy
+            await self._rest(busy)
+        return self._record(job, result)
+
+    async def _send(self, producer: AIOKafkaProducer, job: Job, value: dict[str, Any]) -> None:
+        rt = self.rt
+        try:
+            await producer.send(
+                rt.topics["annotations"],
+                dumps(value),
+                key=job.record.event_id.encode(),
+                partition=job.partition,
+            )
+        except Exception as exc:  # best effort: a sample lost to a broker outage
+            rt.counters[f"annotations.{job.kind}_unsent"] += 1
+            log.debug("%s: %s not sent: %s", rt.name, job.kind, exc)
+            return
+        self.done += 1
+        rt.counters[f"annotations.{job.kind}s"] += 1
 
     async def _rest(self, busy_s: float) -> None:
         """Wait long enough after ``busy_s`` of work to stay within ``max_busy_share`` of
-        one core: the scoring, not the samples, gets the machine."""
+        one core (the process already runs only on otherwise idle cores; this also bounds
+        what it takes from an idle machine)."""
         if self.max_busy_share < 1.0:
             await asyncio.sleep(busy_s * (1.0 / self.max_busy_share - 1.0))
 
     def _work(self, job: Job) -> dict[str, Any] | None:
-        """Runs in a thread: one job's model call, and the record to send."""
-        from streamml.models import generative, nlp
+        """The job run in this process (tests): its model call and its record."""
+        call = self._call(job)
+        return None if call is None else self._record(job, background.run(call))
 
-        spec, record = self.rt.spec, job.record
-        base = {"event_id": record.event_id, "ts_ms": job.ts_ms}
+    def _call(self, job: Job) -> background.Call | None:
+        """What the background process is asked to do; None when the event has no text."""
+        spec, fields = self.rt.spec, job.record.fields
         if job.kind == "summary":
             summaries = spec.annotate.summaries
             assert summaries is not None
-            text = record.fields.get(summaries.field)
+            text = fields.get(summaries.field)
             if not isinstance(text, str) or not text.strip():
                 return None
-            if summaries.method == "generative":
-                summary, method, version = (
-                    generative.summarize(text),
-                    "generative",
-                    generative.MODEL_VERSION,
-                )
-            else:
-                text_model = self.rt.text
-                assert text_model is not None
-                summary = nlp.extractive_summary(text, text_model.embedder)
-                method, version = "extractive", "minilm-centroid"
-            return {
-                **base,
-                "kind": "summary",
-                "method": method,
-                "model_version": version,
-                "summary": summary,
-            }
+            return background.Call(
+                "summary",
+                text,
+                method=summaries.method,
+                cache_dir=str(self.cache_dir),
+                max_length=spec.text.max_length,
+            )
         weak_spec = spec.annotate.weak_labels
         assert weak_spec is not None
         classes, field = _classes(spec, weak_spec.feature)
-        text = record.fields.get(field)
+        text = fields.get(field)
         if not isinstance(text, str) or not text.strip():
             return None
         if job.kind == "label":
-            found = generative.label(text, classes)
-            if found is None:
+            return background.Call("label", text, classes=classes)
+        flag = job.flag
+        return background.Call(
+            "judge",
+            text,
+            classes=classes,
+            served=str(flag["predicted_class"]),
+            weak=str(flag["weak_label"]),
+        )
+
+    def _record(self, job: Job, result: Any) -> dict[str, Any] | None:
+        """The annotation record of a job's result."""
+        base = {"event_id": job.record.event_id, "ts_ms": job.ts_ms}
+        if job.kind == "summary":
+            generated = self.rt.spec.annotate.summaries.method == "generative"  # type: ignore[union-attr]
+            return {
+                **base,
+                "kind": "summary",
+                "method": "generative" if generated else "extractive",
+                "model_version": MODEL_VERSION if generated else "minilm-centroid",
+                "summary": result,
+            }
+        if job.kind == "label":
+            if result is None:
                 self.rt.counters["annotations.label_unparsed"] += 1
                 return None
-            label, confidence = found
+            label, confidence = result
             return {
                 **base,
                 "kind": "weak_label",
                 "source": "generative",
-                "model_version": generative.MODEL_VERSION,
+                "model_version": MODEL_VERSION,
                 "label": label,
                 "confidence": confidence,
             }
-        verdict = generative.judge(
-            text, job.flag["predicted_class"], job.flag["weak_label"], classes
-        )
-        return {**job.flag, "judge": verdict, "judge_model": generative.MODEL_VERSION}
+        return {**job.flag, "judge": result, "judge_model": MODEL_VERSION}
 
 
 def _classes(spec: PipelineSpec, feature: str) -> tuple[dict[str, str], str]:

@@ -162,7 +162,9 @@ class PipelineEngine:
             await asyncio.to_thread(rt.text.warm)
         if _needs_annotator(rt):
             queue = rt.spec.annotate.summaries.queue if rt.spec.annotate.summaries else 1000
-            rt.annotator = Annotator(rt, queue, rt.spec.annotate.max_busy_share)
+            rt.annotator = Annotator(
+                rt, queue, rt.spec.annotate.max_busy_share, cache_dir=s.cache_dir
+            )
             background.append(asyncio.create_task(rt.annotator.run(producer)))
         following = asyncio.Event()
         control = asyncio.create_task(self._follow_control(following))

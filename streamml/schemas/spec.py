@@ -343,10 +343,10 @@ class AnnotateSpec(_Strict):
     weak_labels: WeakLabelSpec | None = None
     flags: FlagSpec | None = None
     summaries: SummarySpec | None = None
-    # the background jobs (summaries, generative labels, the judge) may keep one core busy
-    # at most this share of the time: past it they wait, their queue fills and samples are
-    # dropped (counted) rather than the scoring slowed (at 1.0 and 110 events/s on 2 cores,
-    # a summary of every event tripled the scoring p50: bench/text.py)
+    # the background jobs (summaries, generative labels, the judge) run in a child process
+    # at the lowest CPU priority, and keep one core busy at most this share of the time:
+    # past it they wait, their queue fills and samples are dropped (counted). Priority
+    # does not help where a container's CPU limit is shared: the child's time counts too
     max_busy_share: float = Field(default=0.25, gt=0, le=1)
 
 

@@ -4,8 +4,10 @@ broker: records in, the outbox's queue out (the real text model, no mocks of it)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import threading
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from streamml.agents.annotate import Annotator, Job, sampled
 from streamml.agents.engine import PipelineEngine
 from streamml.agents.runtime import Held, PartitionState, PipelineRuntime
 from streamml.config import load_settings
+from streamml.errors import BackgroundProcessDied
+from streamml.models import background
 from streamml.models.features import GlobalState
 from streamml.models.online import OnlineLearner
 from streamml.schemas.spec import PipelineSpec, parse_spec
@@ -176,11 +180,13 @@ def test_summaries_never_run_in_the_scoring_step_and_a_full_queue_drops(tmp_path
     assert len(sent["predictions"]) == len(TEXTS)  # every event served all the same
 
 
-def test_the_annotator_summarises_in_a_thread_of_its_own(tmp_path: Path) -> None:
+def test_the_annotator_summarises_in_a_low_priority_process_of_its_own(tmp_path: Path) -> None:
+    """The summary is made in a spawned child at SCHED_IDLE (nice 19 where refused): no
+    lock or core it needs is one the scoring needs."""
     engine, _ = _engine(tmp_path, _spec(summary_sample=1.0))
     rt = engine.rt
     sent: list[tuple[str, bytes, int]] = []
-    threads: set[str] = set()
+    where: list[tuple[int, str, int]] = []
 
     class Producer:
         async def send(self, topic: str, value: bytes, key: bytes, partition: int) -> None:
@@ -188,23 +194,20 @@ def test_the_annotator_summarises_in_a_thread_of_its_own(tmp_path: Path) -> None
 
     async def go() -> None:
         annotator = Annotator(rt, 10)
-        real = annotator._work
-
-        def work(job: Job) -> Any:
-            threads.add(threading.current_thread().name)
-            return real(job)
-
-        annotator._work = work  # type: ignore[method-assign]
         from streamml.schemas.records import Record
 
         record = Record("e0", 1_000, None, {"body": TEXTS[0]})
         annotator.offer(Job("summary", 0, 1_000, record, {}))
         task = asyncio.create_task(annotator.run(Producer()))  # type: ignore[arg-type]
-        for _ in range(200):
+        for _ in range(1200):
             if sent:
                 break
             await asyncio.sleep(0.05)
+        where.append(await annotator.process.call(background.priority))
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert annotator.process._pool is None  # closed with its task
 
     asyncio.run(go())
     [(topic, value, partition)] = sent
@@ -212,7 +215,26 @@ def test_the_annotator_summarises_in_a_thread_of_its_own(tmp_path: Path) -> None
     assert topic == rt.topics["annotations"] and partition == 0
     assert summary["kind"] == "summary" and summary["method"] == "extractive"
     assert summary["summary"] in TEXTS[0] and summary["event_id"] == "e0"
-    assert threads and threading.main_thread().name not in threads
+    [(pid, policy, niceness)] = where
+    assert pid != os.getpid()
+    assert policy == background.IDLE if sys.platform == "linux" else niceness == 19
+
+
+def test_a_dead_background_process_fails_one_job_and_the_next_starts_a_new_one() -> None:
+    process = background.LowPriorityProcess()
+
+    async def go() -> tuple[int, int]:
+        try:
+            first, _, _ = await process.call(background.priority)
+            with pytest.raises(BackgroundProcessDied):
+                await process.call(os._exit, 3)  # the child dies mid-job
+            second, _, _ = await process.call(background.priority)
+            return first, second
+        finally:
+            process.close()
+
+    first, second = asyncio.run(go())
+    assert first != second and process.restarts == 1
 
 
 def test_sampling_is_by_event_id() -> None:
@@ -282,7 +304,7 @@ def test_the_generative_model_labels_and_judges_off_the_hot_path(tmp_path: Path)
 
 def test_the_annotator_keeps_within_its_share_of_a_core(tmp_path: Path) -> None:
     """After each job it rests long enough that its work is at most max_busy_share of the
-    time (the engine's scoring gets the rest); the queue, not the scoring, absorbs it."""
+    time; the queue, not the scoring, absorbs it."""
     import time
 
     from streamml.schemas.records import Record
@@ -294,17 +316,20 @@ def test_the_annotator_keeps_within_its_share_of_a_core(tmp_path: Path) -> None:
         async def send(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-    async def go() -> None:
-        annotator = Annotator(engine.rt, 10, max_busy_share=0.25)
-
-        def work(job: Job) -> Any:
+    class Process:  # stands for the background process: each job takes 0.05 s
+        async def call(self, fn: Any, *args: Any) -> Any:
             starts.append(time.monotonic())
-            time.sleep(0.05)  # stands for a model call
-            return None
+            await asyncio.sleep(0.05)
+            return "a summary"
 
-        annotator._work = work  # type: ignore[method-assign]
+        def close(self) -> None:
+            pass
+
+    async def go() -> None:
+        annotator = Annotator(engine.rt, 10, max_busy_share=0.25, process=Process())  # type: ignore[arg-type]
         for i in range(3):
-            annotator.offer(Job("summary", 0, 1_000, Record(f"e{i}", 1_000, "", {}), {}))
+            record = Record(f"e{i}", 1_000, "", {"body": TEXTS[i]})
+            annotator.offer(Job("summary", 0, 1_000, record, {}))
         task = asyncio.create_task(annotator.run(Producer()))  # type: ignore[arg-type]
         for _ in range(100):
             if len(starts) == 3:
