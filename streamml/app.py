@@ -159,6 +159,7 @@ def create_app(
                     "pipelines": {
                         name: {
                             "counters": dict(rt.counters),
+                            "annotator": None if rt.annotator is None else rt.annotator.describe(),
                             "deployment": by_name[name].deployment.describe(),
                             "prequential": {
                                 str(p): {"learned": lr.learned, **lr.metric_values()}

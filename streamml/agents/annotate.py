@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -38,6 +39,7 @@ from streamml.agents.ingest import failed
 from streamml.agents.runtime import Made, PartitionState, PipelineRuntime
 from streamml.agents.score import Scored
 from streamml.config import Settings
+from streamml.errors import BackgroundProcessDied
 from streamml.models import background
 from streamml.models.background import LowPriorityProcess
 from streamml.models.drift import Detection
@@ -243,6 +245,7 @@ class Annotator:
         self.process = process or LowPriorityProcess()
         self.done = 0
         self.busy_s = 0.0
+        self.child: tuple[int, str, int] | None = None  # pid, scheduling class, niceness
 
     def offer(self, job: Job) -> bool:
         try:
@@ -252,8 +255,21 @@ class Annotator:
             return False
         return True
 
+    def describe(self) -> dict[str, Any]:
+        """For ``/stats``: the queue, what was done, and the child it runs in."""
+        pid, policy, niceness = self.child or (None, None, None)
+        return {
+            "queued": self.queue.qsize(),
+            "done": self.done,
+            "busy_s": round(self.busy_s, 3),
+            "process": {"pid": pid, "priority": policy, "nice": niceness},
+            "restarts": self.process.restarts,
+        }
+
     async def run(self, producer: AIOKafkaProducer) -> None:
         try:
+            with contextlib.suppress(Exception):  # start the child now, not at the first job
+                self.child = await self.process.call(background.priority)
             while True:
                 job = await self.queue.get()
                 value = await self._next(job)
@@ -269,8 +285,12 @@ class Annotator:
             return None
         t0 = time.perf_counter()
         try:
+            if self.child is None:
+                self.child = await self.process.call(background.priority)
             result = await self.process.call(background.run, call)
         except Exception as exc:  # a model failing on one text is counted, not fatal
+            if isinstance(exc, BackgroundProcessDied):
+                self.child = None
             rt.counters[f"annotations.{job.kind}_failed"] += 1
             if rt.counters[f"annotations.{job.kind}_failed"] == 1:
                 log.warning("%s: %s failed: %s", rt.name, job.kind, type(exc).__name__)

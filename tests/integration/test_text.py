@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -204,6 +205,10 @@ def test_flags_are_the_confident_disagreements_and_summaries_are_sentences(run: 
 
     counters = wait_until(settled, "every sampled event summarised or dropped", timeout_s=120)
     made = counters.get("annotations.summarys", 0)
+    # made in a child of the worker at the lowest CPU priority, not in the worker
+    child = run.worker.get("/stats")["pipelines"][NAME]["annotator"]["process"]
+    assert run.worker.proc is not None and child["pid"] not in (None, run.worker.proc.pid)
+    assert child["priority"] == "idle" if sys.platform == "linux" else child["nice"] == 19
     summaries = _wait_summaries(run, made)
     print(f"\n{made} summaries of {len(picked)} sampled events ({len(bodies)} in all)")
     assert {s["event_id"] for s in summaries} <= picked and made > 0
