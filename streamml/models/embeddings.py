@@ -205,20 +205,22 @@ class OnnxEncoder:
 
 class TorchEncoder:
     """fp16 on CUDA, tokenizing the next chunk in a thread while the GPU runs this one
-    (on a GPU the tokenizer, not the model, bounds throughput)."""
+    (on a GPU the tokenizer, not the model, bounds throughput). ``device="cpu"`` runs the
+    same code in fp32: how it is tested where there is no GPU."""
 
     dim = DIM
-    device = "cuda"
 
-    def __init__(self, *, max_length: int = 128, chunk: int = 256) -> None:
+    def __init__(self, *, max_length: int = 128, chunk: int = 256, device: str = "cuda") -> None:
         import torch
         from transformers import AutoModel
 
         weights_dir = verified("minilm").parent
         self.torch = torch
+        self.device = device
+        dtype = torch.float16 if device == "cuda" else torch.float32
         self.model = (
             AutoModel.from_pretrained(str(weights_dir), local_files_only=True)
-            .to("cuda", dtype=torch.float16)
+            .to(device, dtype=dtype)
             .eval()
         )
         self.tok = _tokenizer(max_length)
@@ -237,7 +239,7 @@ class TorchEncoder:
         with torch.inference_mode():
             for fut in ahead:
                 b = {
-                    k: torch.from_numpy(v).to("cuda", non_blocking=True)
+                    k: torch.from_numpy(v).to(self.device, non_blocking=True)
                     for k, v in fut.result().items()
                 }
                 hidden = self.model(**b)[0]

@@ -113,3 +113,20 @@ def test_zero_shot_scores_are_a_distribution_and_the_weak_label_its_argmax() -> 
         assert weak == (top, pytest.approx(scores[top])) and vector[f"zs#top={top}"] == 1.0
     assert [w[0] for w in result.weak if w] == ["a", "a", "b", "b"]
     assert np.isfinite([v for vec in result.vectors for v in vec.values()]).all()
+
+
+def test_the_gpu_encoder_code_agrees_with_the_int8_encoder_when_run_on_the_cpu() -> None:
+    """TorchEncoder (CUDA fp16 where there is a GPU) run in fp32 on the CPU: tokenizing
+    chunks ahead in threads keeps every row in its text's place, and its embeddings match
+    the int8 ONNX encoder's (the GPU itself is checked only where one is lent)."""
+    from streamml.models.embeddings import TorchEncoder
+
+    texts = [r.fields["body"] for r in _records()] + ["short", "a little longer text"]
+    gpu_code = TorchEncoder(chunk=2, device="cpu")
+    got = gpu_code.encode(texts)
+    want = load_encoder(Settings().cache_dir, device="cpu").encode(texts)
+    assert got.shape == want.shape == (len(texts), 384)
+    cosine = (got * want).sum(axis=1)  # both are unit length
+    assert cosine.min() >= 0.98, cosine
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    assert gpu_code.encode([]).shape == (0, 384)
