@@ -251,19 +251,9 @@ async def _checked_request(request: Request, settings: Settings, token_box: dict
 
 def _run_read_only(warehouse: Warehouse, settings: Settings, sql: str) -> QueryResult:
     """Read how ClickHouse parses ``sql``, refuse what may not run, run the rest read-only."""
-    allow = settings.query_table_functions
-    readonly = querysafety.READONLY_WITH_TABLE_FUNCTIONS if allow else querysafety.READONLY
-    lines = warehouse.query(f"EXPLAIN AST {sql}", readonly=readonly).rows
-    ast = querysafety.parse_ast(str(row[0]) for row in lines)
-    why = querysafety.sql_refusal(sql, ast, table_functions=allow)
-    if why is not None:
-        hint = (
-            "set STREAMML_QUERY_TABLE_FUNCTIONS=true to allow table functions"
-            if "reaches files" in why
-            else "/query only reads; change the warehouse with streamml commands"
-        )
-        raise QueryRefused(f"refused: {why}", status=403, hint=hint)
-    return warehouse.query(sql, readonly=readonly)
+    return querysafety.run_read_only(
+        warehouse.query, sql, table_functions=settings.query_table_functions
+    )
 
 
 def _error(message: str, hint: str | None = None, retriable: bool = False) -> dict[str, Any]:

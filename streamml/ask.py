@@ -569,19 +569,11 @@ def shown(query: Query) -> str:
 def run_read_only(
     query_fn: Callable[..., QueryResult], query: Query, table_functions: bool = False
 ) -> QueryResult:
-    """Run ``query`` with ``query_fn`` (``Warehouse.query``) as the worker's /query does:
-    ClickHouse parses it (``EXPLAIN AST``), :func:`querysafety.sql_refusal` must find
-    nothing wrong, and it runs under the ``readonly`` setting."""
-    readonly = (
-        querysafety.READONLY_WITH_TABLE_FUNCTIONS if table_functions else querysafety.READONLY
+    """Run ``query`` with ``query_fn`` (``Warehouse.query``) as the worker's /query does
+    (:func:`streamml.querysafety.run_read_only`): parsed, checked, run read-only."""
+    return querysafety.run_read_only(
+        query_fn, query.text, query.parameters, table_functions=table_functions
     )
-    ast = query_fn(f"EXPLAIN AST {query.text}", query.parameters, readonly=readonly).rows
-    why = querysafety.sql_refusal(
-        query.text, querysafety.parse_ast(str(row[0]) for row in ast), table_functions
-    )
-    if why is not None:
-        raise querysafety.QueryRefused(f"refused: {why}", status=403)
-    return query_fn(query.text, query.parameters, readonly=readonly)
 
 
 def check_version(query: Query, known: Sequence[str]) -> Refusal | None:

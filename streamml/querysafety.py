@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from clickhouse_connect.driver.query import command_re, remove_sql_comments
 
 from streamml.errors import StreamMLError
+
+
+class Answers(Protocol):
+    """What :func:`run_read_only` needs of a query result (``QueryResult``)."""
+
+    @property
+    def rows(self) -> Any: ...
+
+
+R = TypeVar("R", bound=Answers)
 
 # The engine setting the user's SQL runs under: 1 refuses writes, DDL, SET and every
 # table function but the built-in generators; 2 (with table functions allowed) lets reads
@@ -104,6 +115,32 @@ class QueryRefused(StreamMLError, PermissionError):
     def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+
+
+def run_read_only(
+    query_fn: Callable[..., R],
+    sql: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    table_functions: bool = False,
+) -> R:
+    """Run ``sql`` with ``query_fn`` (``Warehouse.query``: text, parameters, ``readonly=``)
+    the one way every user-facing path does (``/query``, ``streamml query``, ``streamml
+    ask``): ClickHouse parses it (``EXPLAIN AST``), :func:`sql_refusal` must find nothing
+    wrong (a :class:`QueryRefused` says why), and it runs under the ``readonly`` setting.
+    Writes are refused before they run, so no session ever executes one under
+    ``readonly``."""
+    readonly = READONLY_WITH_TABLE_FUNCTIONS if table_functions else READONLY
+    lines = query_fn(f"EXPLAIN AST {sql}", parameters, readonly=readonly).rows
+    why = sql_refusal(sql, parse_ast(str(row[0]) for row in lines), table_functions)
+    if why is not None:
+        hint = (
+            "set STREAMML_QUERY_TABLE_FUNCTIONS=true to allow table functions"
+            if "reaches files" in why
+            else "queries only read; change the warehouse with streamml commands"
+        )
+        raise QueryRefused(f"refused: {why}", status=403, hint=hint)
+    return query_fn(sql, parameters, readonly=readonly)
 
 
 def authorized(header: str | None, token: str) -> bool:

@@ -96,6 +96,22 @@ def test_cli_query_prints_json_csv_and_table(tmp_path: object) -> None:
     assert bad.returncode == 1 and "error:" in bad.stderr
 
 
+def test_cli_query_in_process_only_reads(tmp_path: object) -> None:
+    """Without a worker `streamml query` opens chDB itself, and still refuses what
+    /query refuses: writes, DDL and files, before they run."""
+    env = {"STREAMML_STATE_DIR": str(tmp_path)}
+    for sql in (
+        "DROP TABLE labels",
+        "INSERT INTO labels (pipeline, event_id) VALUES ('p', 'e')",
+        "SELECT * FROM file('/etc/passwd', 'LineAsString')",
+    ):
+        refused = run_cli("query", sql, env=env)
+        assert refused.returncode == 1 and "refused" in refused.stderr, (sql, refused.stderr)
+    left = run_cli("query", "SELECT count() AS n FROM labels", "-f", "json", env=env)
+    assert left.returncode == 0, left.stderr
+    assert json.loads(left.stdout) == [{"n": 0}]
+
+
 def test_second_process_gets_a_clear_lock_error(
     stack_settings: Settings, session_warehouse: Warehouse
 ) -> None:
