@@ -156,7 +156,9 @@ def test_limited_then_resumed_file_lands_exactly_once(
 def test_ctrl_c_then_resume_lands_exactly_once(stack_settings: Settings, tmp_path: Path) -> None:
     n = 3000
     settings, path, labelled = _setup(stack_settings, tmp_path, "resumeint", n)
-    child = _spawn(settings, "resumeint", str(path), "--rate", "800", "--label-delay", "25")
+    # 10 s of sending, so the interrupt lands mid-stream (at 800/s a loaded CI machine once
+    # delivered all 3,000 before it arrived)
+    child = _spawn(settings, "resumeint", str(path), "--rate", "300", "--label-delay", "25")
     wait_until(lambda: _next_index(settings) > 0, "the first acknowledged records", 30)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=30)
