@@ -108,7 +108,15 @@ def _spawn(settings: Settings, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # as typed in a terminal: a runner that started the tests in the background (`&`
+        # without job control) has SIGINT ignored, and an ignored signal is inherited,
+        # so Python would never raise KeyboardInterrupt in the child
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _next_index(settings: Settings) -> int:
@@ -156,9 +164,7 @@ def test_limited_then_resumed_file_lands_exactly_once(
 def test_ctrl_c_then_resume_lands_exactly_once(stack_settings: Settings, tmp_path: Path) -> None:
     n = 3000
     settings, path, labelled = _setup(stack_settings, tmp_path, "resumeint", n)
-    # 10 s of sending, so the interrupt lands mid-stream (at 800/s a loaded CI machine once
-    # delivered all 3,000 before it arrived)
-    child = _spawn(settings, "resumeint", str(path), "--rate", "300", "--label-delay", "25")
+    child = _spawn(settings, "resumeint", str(path), "--rate", "800", "--label-delay", "25")
     wait_until(lambda: _next_index(settings) > 0, "the first acknowledged records", 30)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=30)
