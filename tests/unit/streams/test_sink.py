@@ -18,7 +18,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 from streamml.config import load_settings
 from streamml.errors import WarehouseError
 from streamml.schemas.control import ControlEvent
-from streamml.schemas.records import DLQ_PAYLOAD_BYTES, Source
+from streamml.schemas.records import DLQ_PAYLOAD_BYTES
 from streamml.schemas.spec import load_spec
 from streamml.streams.rows import DLQ_COLUMNS, LABEL_COLUMNS, PREDICTION_COLUMNS, prediction_row
 from streamml.streams.sink import (
@@ -89,7 +89,7 @@ def _predictions(n: int, bad: set[int] = frozenset()) -> list[Entry]:  # type: i
     entries = []
     for i in range(n):
         value = {**PREDICTION, "event_id": f"e{i}", "trace_id": None if i in bad else ""}
-        origin = Origin("demo", Source("demo.predictions", 1, i, 1_767_225_600_000, b"k"), b"")
+        origin = Origin("demo", _record("demo.predictions", i, b""))
         entries.append((prediction_row(value), origin))
     return entries
 
@@ -360,3 +360,37 @@ def test_prediction_row_carries_end_to_end_latency() -> None:
     assert row["e2e_latency_ms"] == 40.0  # emitted - ingested, ms
     assert row["probabilities"] == {"True": 0.7, "False": 0.3}
     assert row["served"] == 1
+
+
+def test_a_large_fetched_batch_is_buffered_in_slices_between_which_the_loop_runs() -> None:
+    """Thousands of records are buffered with turns of the event loop between slices, so
+    an engine in the same worker keeps scoring meanwhile."""
+    sink = _sink(FakeClickHouse())
+    tp = TopicPartition("demo.predictions", 1)
+    records = [_record(tp.topic, i, {**PREDICTION, "event_id": f"e{i}"}) for i in range(2000)]
+    buffers: dict[str, list[Entry]] = defaultdict(list)
+    offsets: dict[TopicPartition, int] = {}
+    turns = 0
+
+    async def go() -> None:
+        nonlocal turns
+        stop = asyncio.Event()
+
+        async def other() -> None:
+            nonlocal turns
+            while not stop.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        turns = 0
+        await sink._take({tp: records}, buffers, offsets)
+        stop.set()
+        await task
+
+    asyncio.run(go())
+    assert len(buffers["predictions"]) == 2000 and offsets[tp] == 2000
+    assert turns >= 2000 // 256 - 1  # the other task ran between the slices
+    [(_, origin)] = buffers["predictions"][:1]
+    assert origin.source.offset == 0 and origin.payload == records[0].value
