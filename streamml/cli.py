@@ -231,11 +231,7 @@ def query(
             writer.writerows(result.rows)
             sys.stdout.write(buffer.getvalue())
         else:
-            table = Table(*result.columns)
-            for row in result.rows:
-                table.add_row(*("" if v is None else str(v) for v in row))
-            console.print(table)
-            console.print(f"[dim]{len(result.rows)} row(s)[/]")
+            _print_table(result)
 
     _run(action)
 
@@ -332,13 +328,18 @@ def ask(
         console.print(
             asking.shown(query), style="dim", highlight=False, markup=False, soft_wrap=True
         )
-        table = Table(*result.columns)
-        for row in result.rows:
-            table.add_row(*("" if v is None else str(v) for v in row))
-        console.print(table)
-        console.print(f"[dim]{len(result.rows)} row(s)[/]")
+        _print_table(result)
 
     _run(action)
+
+
+def _print_table(result: Any) -> None:
+    """A query result as a table, with its row count."""
+    table = Table(*result.columns)
+    for row in result.rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+    console.print(f"[dim]{len(result.rows)} row(s)[/]")
 
 
 def _jsonable(value: object) -> object:

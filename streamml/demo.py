@@ -434,6 +434,13 @@ def _plot(report: DemoReport, path: Path, run_start: dt.datetime) -> Path | None
     ax.set_ylabel("accuracy")
     ax.set_ylim(0.4, 1)
     ax.set_title(f"streamml demo: {report.events} events, drift -> confirm -> judge -> promote")
+    return save_chart(fig, ax, path)
+
+
+def save_chart(fig: Any, ax: Any, path: Path) -> Path:
+    """A demo's chart: legend and grid, written as a PNG at ``path``, the figure closed."""
+    import matplotlib.pyplot as plt
+
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from streamml import sql
-from streamml.demo import _ask
+from streamml.demo import _ask, save_chart
 from streamml.devstack.worker import WorkerProcess
 from streamml.models.synthetic import Example
 from streamml.models.text import labeller_source
@@ -282,10 +282,4 @@ def plot(report: TicketsReport, path: Path) -> Path | None:
     ax.set_title(
         f"streamml demo tickets: {report.events} tickets, text -> embeddings -> online model"
     )
-    ax.legend(loc="lower left", fontsize=8)
-    ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_chart(fig, ax, path)

@@ -92,6 +92,15 @@ def count_of(query: Query) -> Query:
 
 
 # --- training ------------------------------------------------------------------------
+def _latest_features(where: list[str]) -> str:
+    """Each event's latest feature vector and event time within ``where`` (the training
+    window's conditions), one row per event_id."""
+    return f"""
+        SELECT event_id, argMax(ts, inserted_at) AS event_ts,
+               argMax(features, inserted_at) AS features
+        FROM features WHERE {" AND ".join(where)} GROUP BY event_id"""
+
+
 def _training_window(
     params: dict[str, Any], since_ms: int | None, until_ms: int | None, cutoff_ms: int | None
 ) -> tuple[list[str], str]:
@@ -131,11 +140,7 @@ def training_rows(
         SELECT event_id, ts_ms, features, label FROM (
             SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
                    f.features AS features, l.label AS label
-            FROM (
-                SELECT event_id, argMax(ts, inserted_at) AS event_ts,
-                       argMax(features, inserted_at) AS features
-                FROM features WHERE {" AND ".join(where)} GROUP BY event_id
-            ) AS f
+            FROM ({_latest_features(where)}) AS f
             INNER JOIN (
                 SELECT event_id, argMax(label, inserted_at) AS label
                 FROM labels WHERE pipeline = {{pipeline:String}} {known} GROUP BY event_id
@@ -160,11 +165,7 @@ def weak_training_rows(
     text = f"""
         SELECT f.event_id AS event_id, toUnixTimestamp64Milli(f.event_ts) AS ts_ms,
                f.features AS features, a.label AS label, a.confidence AS confidence
-        FROM (
-            SELECT event_id, argMax(ts, inserted_at) AS event_ts,
-                   argMax(features, inserted_at) AS features
-            FROM features WHERE {" AND ".join(where)} GROUP BY event_id
-        ) AS f
+        FROM ({_latest_features(where)}) AS f
         INNER JOIN (
             SELECT event_id, argMax(label, inserted_at) AS label,
                    argMax(confidence, inserted_at) AS confidence
